@@ -1,0 +1,1 @@
+"""Data: readers -> conversations -> templates -> token ids + labels -> batches."""

@@ -1,0 +1,44 @@
+"""The one internal sample type every reader produces and every later stage consumes.
+
+A `Conversation` is a list of turns (`system` / `user` / `assistant`) whose text carries one
+``<image>`` marker per image, in the order the images appear in ``images``. Images stay
+references (a path, raw bytes or a PIL image) until a dataloader worker decodes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from PIL import Image
+
+IMAGE_MARKER = "<image>"
+ROLES = ("system", "user", "assistant")
+
+# A path (str, already resolved against --image-folder), encoded bytes, or a decoded PIL image.
+ImageRef = Union[str, bytes, Image.Image]
+
+
+@dataclass
+class Turn:
+    role: str  # one of ROLES
+    content: str  # text with IMAGE_MARKER where images go
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn]
+    images: list[ImageRef] = field(default_factory=list)
+    id: str | None = None  # the sample's own id, if the source has one
+    index: int = -1  # position in the source file / dataset
+    source: str = ""  # file (or dataset) it came from, for error messages
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How errors name this sample: file, index and id."""
+        ident = f"id={self.id!r}" if self.id is not None else "no id"
+        return f"{self.source or '<memory>'} sample #{self.index} ({ident})"
+
+    def num_markers(self) -> int:
+        return sum(t.content.count(IMAGE_MARKER) for t in self.turns)

@@ -1,0 +1,76 @@
+"""`LlavakitConfig`: a composite transformers config (vision tower + projector + causal LM).
+
+``vision_config`` and ``text_config`` are the components' own configs, so ``AutoModel.from_config``
+rebuilds either one exactly; everything llavakit adds (projector name, feature layer, image token)
+lives next to them. ``components`` records where the model was assembled from.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+FEATURE_SELECT = ("patch", "cls_patch")
+
+
+class LlavakitConfig(PreTrainedConfig):
+    model_type = "llavakit"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projector: str = "mlp2x_gelu"
+    # Hidden-state index (or indices, concatenated on the feature axis) taken from the vision tower.
+    # -2 is LLaVA-1.5's choice: the penultimate layer of CLIP.
+    vision_feature_layer: int | list[int] = -2
+    # "patch" drops the tower's prefix tokens (CLIP's CLS), "cls_patch" keeps them.
+    vision_feature_select: str = "patch"
+    # How many tokens the tower puts before its patch tokens (1 for CLIP's CLS, 0 for SigLIP);
+    # measured once by `build` with a dry forward, never guessed from a model name.
+    vision_prefix_tokens: int = 0
+    image_token_id: int | None = None
+    pad_token_id: int | None = None
+    # {"vision": id_or_path, "llm": id_or_path} the model was assembled from.
+    components: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.vision_feature_select not in FEATURE_SELECT:
+            raise ValueError(
+                f"vision_feature_select={self.vision_feature_select!r} is not one of {list(FEATURE_SELECT)}"
+            )
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            self.vision_feature_layer = [int(x) for x in self.vision_feature_layer]
+        # A tied-embedding LLM (e.g. Qwen2.5-0.5B) keeps its tying inside the composite model.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    # --- derived geometry -------------------------------------------------------------------
+    @property
+    def feature_layers(self) -> list[int]:
+        layer = self.vision_feature_layer
+        return list(layer) if isinstance(layer, (list, tuple)) else [layer]
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches per side of the (square) image the tower sees."""
+        vc = self.vision_config
+        return int(vc.image_size) // int(vc.patch_size)
+
+    @property
+    def vision_tokens(self) -> int:
+        """Tokens per image that enter the projector."""
+        n = self.patch_grid**2
+        return n + self.vision_prefix_tokens if self.vision_feature_select == "cls_patch" else n
+
+    @property
+    def image_seq_length(self) -> int:
+        """Placeholder ids one `<image>` expands to = features the projector emits per image."""
+        from .projectors import projector_output_tokens
+
+        return projector_output_tokens(self.projector, self.vision_tokens, self.patch_grid,
+                                       self.vision_feature_select, self.vision_prefix_tokens)

@@ -1,0 +1,137 @@
+"""`LlavakitForConditionalGeneration`: vision tower -> projector -> spliced into any causal LM.
+
+The three parts are ordinary transformers modules built with ``AutoModel.from_config`` (vision) and
+``AutoModelForCausalLM.from_config`` (LLM), so ``save_pretrained``/``from_pretrained``, PEFT,
+``generate`` and accelerate/FSDP work on the composite without glue. Image features are put in
+place with one guarded ``masked_scatter`` (no per-sample loops): the processor has already expanded
+every ``<image>`` into ``config.image_seq_length`` placeholder ids, in text order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from .config import LlavakitConfig
+from .projectors import build_projector
+
+
+class LlavakitPreTrainedModel(PreTrainedModel):
+    config_class = LlavakitConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # The vision tower and the LLM initialise themselves; only the projector is ours.
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+
+
+class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin):
+    def __init__(self, config: LlavakitConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        in_dim = config.vision_config.hidden_size * len(config.feature_layers)
+        self.multi_modal_projector = build_projector(config.projector, in_dim, config.text_config.hidden_size)
+        self.post_init()
+
+    # --- plumbing the LLM's embeddings through, so resize/PEFT/generate see them ---------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    # --- vision ---------------------------------------------------------------------------------
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Selected vision-tower hidden states before the projector: [N_img, T, D_vis * n_layers]."""
+        cfg = self.config
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        dtype = next(self.vision_tower.parameters()).dtype
+        with torch.set_grad_enabled(trainable):
+            out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        start = cfg.vision_prefix_tokens if cfg.vision_feature_select == "patch" else 0
+        # CLIP puts CLS first; "patch" drops it (LLaVA's "default" strategy).
+        hs = [out.hidden_states[layer][:, start:] for layer in cfg.feature_layers]
+        return torch.cat(hs, dim=-1) if len(hs) > 1 else hs[0]
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N_img, 3, H, W] -> projected features [N_img, image_seq_length, D_llm]."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
+
+    def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):
+        """Write image features over the placeholder positions, in order (one masked_scatter)."""
+        mask = input_ids == self.config.image_token_id  # [B, L]
+        n_slots = int(mask.sum())
+        n_feats = image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(
+                f"image placeholders and image features do not match: the text has {n_slots} placeholder "
+                f"tokens, the images give {n_feats} features ({image_features.shape[0]} image(s) x "
+                f"{image_features.shape[1]}). Each <image> must be expanded by the processor to "
+                f"{self.config.image_seq_length} placeholders, with exactly one image per <image>."
+            )
+        feats = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), feats)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
+        """Token embeddings with image features spliced in: [B, L, D_llm]."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(pixel_values)
+        if image_features is not None:
+            return self.splice(input_ids, inputs_embeds, image_features)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill and bool((input_ids == self.config.image_token_id).any()):
+            n = int((input_ids == self.config.image_token_id).sum())
+            raise ValueError(
+                f"image placeholders and image features do not match: the text has {n} placeholder "
+                "tokens but no pixel_values were given"
+            )
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_features: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_features, past_key_values)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
