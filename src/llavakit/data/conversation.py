@@ -42,3 +42,36 @@ class Conversation:
 
     def num_markers(self) -> int:
         return sum(t.content.count(IMAGE_MARKER) for t in self.turns)
+
+
+@dataclass
+class Problem:
+    """One finding about one sample (what `data check` reports and `--report` writes)."""
+
+    index: int
+    id: str | None
+    severity: str  # "error" | "warning"
+    reason: str  # what is wrong
+    hint: str = ""  # what to do about it
+    source: str = ""
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "id": self.id, "severity": self.severity, "reason": self.reason,
+                "hint": self.hint}
+
+    def __str__(self) -> str:
+        ident = f"id={self.id!r}" if self.id is not None else "no id"
+        text = f"{self.source or '<memory>'} sample #{self.index} ({ident}): {self.severity}: {self.reason}"
+        return f"{text} -> {self.hint}" if self.hint else text
+
+
+class SampleError(ValueError):
+    """A sample llavakit refuses to train on; carries the `Problem` that says why."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        super().__init__(str(problem))
+
+    @classmethod
+    def of(cls, conv: "Conversation", reason: str, hint: str = "") -> "SampleError":
+        return cls(Problem(conv.index, conv.id, "error", reason, hint, conv.source))
