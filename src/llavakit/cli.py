@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llavakit {name}: not available in this version yet", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"llavakit {name}", description=help_text)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    if hasattr(module, "parse"):  # commands with free-form extras (train's --section.key=value)
+        args = module.parse(rest)
+    else:
+        parser = argparse.ArgumentParser(prog=f"llavakit {name}", description=help_text)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

@@ -66,7 +66,9 @@ def load_vision_tower(vision: str | Path, dtype=None, **hub_kwargs):
     return tower
 
 
-def load_language_model(llm: str | Path, dtype=None, **hub_kwargs):
+def load_language_model(llm: str | Path, dtype=None, quantization_config=None, **hub_kwargs):
+    if quantization_config is not None:
+        hub_kwargs["quantization_config"] = quantization_config
     lm, info = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, output_loading_info=True, **hub_kwargs)
     _check_loading("language model", llm, info, dual_encoder=False)
     return lm
@@ -117,7 +119,7 @@ def _add_tokens_and_resize(tokenizer, lm) -> list[int]:
 def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
           vision_feature_layer: int | list[int] = -2, vision_feature_select: str = "patch",
           image_aspect: str = "resize", dtype: torch.dtype | str | None = None,
-          attn_implementation: str | None = None, **hub_kwargs):
+          attn_implementation: str | None = None, llm_quantization_config=None, **hub_kwargs):
     """A new (model, processor) from a vision encoder and a causal LM, each a hub id or a local path.
 
     The projector is freshly initialised; everything else keeps its pretrained weights.
@@ -125,7 +127,7 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tower = load_vision_tower(vision, dtype=dtype, **hub_kwargs)
-    lm = load_language_model(llm, dtype=dtype, **hub_kwargs)
+    lm = load_language_model(llm, dtype=dtype, quantization_config=llm_quantization_config, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(llm, **hub_kwargs)
     image_processor = AutoImageProcessor.from_pretrained(vision, **hub_kwargs)
     _add_tokens_and_resize(tokenizer, lm)
@@ -157,7 +159,8 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
     for m in model.multi_modal_projector.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    model.multi_modal_projector.to(dtype=next(lm.parameters()).dtype)
+    proj_dtype = lm.get_input_embeddings().weight.dtype  # 4-bit LLMs keep embeddings in full precision
+    model.multi_modal_projector.to(dtype=proj_dtype)
     model.vision_tower.requires_grad_(False)  # frozen unless a training recipe unfreezes it
     model.generation_config = lm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -181,3 +184,21 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device_map=No
     model.vision_tower.requires_grad_(False)
     processor = LlavakitProcessor.from_pretrained(path, **hub_kwargs)
     return model, processor
+
+
+def build_on_meta(vision_config, text_config, projector: str = "mlp2x_gelu", *, vision_feature_layer=-2,
+                  vision_feature_select: str = "patch", extra_tokens: int = 0):
+    """The full-size model on the `meta` device (no weights, no memory): for sizing recipes.
+
+    `extra_tokens` grows the vocabulary as `build` would (`<image>`, and `<pad>` when missing).
+    """
+    vision_config, _ = vision_config_of(vision_config)
+    with torch.device("meta"):
+        tower = AutoModel.from_config(vision_config)
+        prefix = count_prefix_tokens(tower, vision_config)
+        text_config.vocab_size += extra_tokens
+        config = LlavakitConfig(vision_config=vision_config, text_config=text_config, projector=projector,
+                                vision_feature_layer=vision_feature_layer,
+                                vision_feature_select=vision_feature_select, vision_prefix_tokens=prefix,
+                                image_token_id=text_config.vocab_size - 1)
+        return LlavakitForConditionalGeneration(config)

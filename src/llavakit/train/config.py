@@ -1,0 +1,180 @@
+"""One typed config tree for a training run: `model`, `data`, `train`.
+
+Read from YAML, overridden from the command line with ``--section.key=value`` (values parsed as
+YAML, so ``--train.lr=2e-5`` is a float and ``--data.packing=true`` a bool), validated (unknown keys
+are errors that list the valid ones) and written back in full to ``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("pretrain", "finetune", "lora", "qlora")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    vision: str | None = None  # hub id or path of the vision encoder
+    llm: str | None = None  # hub id or path of the causal LM
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select: str = "patch"
+    image_aspect: str = "resize"  # "pad" = LLaVA's expand-to-square
+    # Start from: a stage-1 run dir (projector weights only), a llavakit model dir, or an
+    # llava-hf / original-LLaVA checkpoint. vision/llm are then taken from it.
+    init_from: str | None = None
+    attn_implementation: str | None = "sdpa"
+    dtype: str | None = None  # weights dtype when loading (None = the checkpoint's / fp32)
+    trust_remote_code: bool = False  # for LLMs that ship their own modelling code (e.g. InternLM2)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # LLaVA JSON/JSONL, messages JSON/JSONL, or an HF dataset dir
+    image_folder: str | None = None
+    format: str = "auto"
+    template: str = "vicuna_v1"
+    max_length: int = 2048
+    overflow: str = "truncate"  # or "drop"
+    packing: bool = False  # padding-free packing of several samples per row
+    group_by_length: bool = True  # exact-length, modality-aware grouping
+    skip_invalid: bool = False  # train on the valid samples when validation finds errors
+    check_images: bool = True  # open every image during validation
+    num_workers: int = 0
+    max_pixels: int | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"
+    output_dir: str = "runs/llavakit"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-5  # LLM (and projector unless projector_lr is set)
+    projector_lr: float | None = None
+    train_vision: bool = False
+    vision_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _nested_type(cls, name)
+        kwargs[name] = _from_dict(sub, value or {}, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+def _nested_type(cls, name):
+    return {(RunConfig, "model"): ModelConfig, (RunConfig, "data"): DataConfig,
+            (RunConfig, "train"): TrainConfig, (TrainConfig, "lora"): LoraConfig}.get((cls, name))
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one ``--section.key=value`` (or ``section.key=value``) to a nested dict in place."""
+    text = override[2:] if override.startswith("--") else override
+    if "=" not in text:
+        raise ConfigError(f"override {override!r} must look like --section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {k!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    t, d = cfg.train, cfg.data
+    checks = [
+        (t.stage in STAGES, f"train.stage={t.stage!r} is not one of {list(STAGES)}"),
+        (t.schedule in SCHEDULES, f"train.schedule={t.schedule!r} is not one of {list(SCHEDULES)}"),
+        (t.precision in PRECISIONS, f"train.precision={t.precision!r} is not one of {list(PRECISIONS)}"),
+        (d.overflow in ("truncate", "drop"), f"data.overflow={d.overflow!r} must be 'truncate' or 'drop'"),
+        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (d.train is not None, "data.train is not set: point it at a LLaVA JSON/JSONL, messages file or HF dataset"),
+        (cfg.model.init_from is not None or (cfg.model.vision and cfg.model.llm),
+         "set model.vision and model.llm (hub ids or paths), or model.init_from"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides=(), base: dict | None = None) -> RunConfig:
+    """YAML file (or `base` dict) + overrides -> validated `RunConfig`."""
+    tree: dict[str, Any] = {}
+    if base:
+        tree = yaml.safe_load(yaml.safe_dump(base))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping with model / data / train sections")
+        tree.update(loaded)
+    for o in overrides:
+        apply_override(tree, o)
+    try:
+        cfg = _from_dict(RunConfig, tree, "config")
+    except TypeError as e:  # pragma: no cover - dataclass arg errors are caught above
+        raise ConfigError(str(e)) from e
+    return validate(cfg)
+
+
+def replace(cfg: RunConfig, **sections) -> RunConfig:
+    return dataclasses.replace(cfg, **sections)

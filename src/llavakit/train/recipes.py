@@ -1,0 +1,174 @@
+"""Stages are data: what trains, at which learning rate, applied by one function.
+
+| stage    | vision tower              | projector | LLM                       |
+|----------|---------------------------|-----------|---------------------------|
+| pretrain | frozen                    | trains    | frozen                    |
+| finetune | frozen (or `train_vision`)| trains    | trains                    |
+| lora     | frozen (or `train_vision`)| trains    | frozen + LoRA adapters    |
+| qlora    | frozen                    | trains    | 4-bit NF4 + LoRA adapters |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+# stage -> which parts train (the LLM entry: "full", "lora" or None)
+STAGE_TABLE = {
+    "pretrain": {"projector": True, "llm": None, "vision_allowed": False},
+    "finetune": {"projector": True, "llm": "full", "vision_allowed": True},
+    "lora": {"projector": True, "llm": "lora", "vision_allowed": True},
+    "qlora": {"projector": True, "llm": "lora", "vision_allowed": False},
+}
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    params: list
+    lr: float
+
+
+def check_qlora_available() -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "stage 'qlora' loads the LLM in 4-bit with bitsandbytes, which needs a CUDA GPU; none is "
+            "available here. Use stage: lora (same adapters, full-precision base) or run on a GPU machine."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("stage 'qlora' needs bitsandbytes: pip install 'llavakit[qlora]'") from e
+
+
+def is_stage1_run(path: Path) -> bool:
+    return (path / PROJECTOR_FILE).is_file() and (path / "config.yaml").is_file()
+
+
+def assemble(cfg: RunConfig):
+    """(model, processor) for this run: new from components, or continued from `init_from`."""
+    import yaml
+
+    import llavakit
+    from llavakit.model.build import build
+
+    m = cfg.model
+    quant = None
+    if cfg.train.stage == "qlora":
+        check_qlora_available()
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    build_kwargs = dict(projector=m.projector, vision_feature_layer=m.vision_feature_layer,
+                        vision_feature_select=m.vision_feature_select, image_aspect=m.image_aspect,
+                        dtype=m.dtype, attn_implementation=m.attn_implementation)
+    if m.trust_remote_code:
+        build_kwargs["trust_remote_code"] = True
+    if quant is not None:
+        build_kwargs["llm_quantization_config"] = quant
+    if m.init_from is None:
+        return build(m.vision, m.llm, **build_kwargs)
+    src = Path(m.init_from)
+    if is_stage1_run(src):
+        # Stage 2 from stage 1: same components, projector weights from the stage-1 run.
+        prev = yaml.safe_load((src / "config.yaml").read_text())["model"]
+        for key in ("projector", "vision_feature_layer", "vision_feature_select"):  # must match the weights
+            build_kwargs[key] = prev[key]
+        model, processor = build(m.vision or prev["vision"], m.llm or prev["llm"], **build_kwargs)
+        load_projector(model, src / PROJECTOR_FILE)
+        return model, processor
+    if (src / "config.json").is_file():
+        return llavakit.load(src, dtype=m.dtype, attn_implementation=m.attn_implementation)
+    raise ConfigError(
+        f"model.init_from={src} is neither a stage-1 run directory (with {PROJECTOR_FILE} and config.yaml) "
+        "nor a model directory with config.json"
+    )
+
+
+def load_projector(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing, unexpected = model.multi_modal_projector.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path} does not fit this model's projector ({model.config.projector}): missing {missing}, "
+            f"unexpected {unexpected}. Was stage 1 run with the same projector and components?"
+        )
+
+
+def apply_stage(model, cfg: RunConfig) -> tuple[object, list[ParamGroup]]:
+    """Freeze/unfreeze (and wrap with LoRA) per the stage; returns (model, optimizer groups)."""
+    t = cfg.train
+    spec = STAGE_TABLE[t.stage]
+    if t.train_vision and not spec["vision_allowed"]:
+        raise ConfigError(f"train.train_vision is not supported with stage {t.stage!r}")
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    if spec["llm"] == "full":
+        model.language_model.requires_grad_(True)
+    elif spec["llm"] == "lora":
+        model.language_model = wrap_lora(model.language_model, cfg)
+    if t.train_vision:
+        model.vision_tower.requires_grad_(True)
+    if t.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec["llm"] != "full":
+            model.language_model.enable_input_require_grads()
+
+    def trainable(module):
+        return [p for p in module.parameters() if p.requires_grad]
+
+    groups = [ParamGroup("projector", trainable(model.multi_modal_projector), t.projector_lr or t.lr)]
+    if spec["llm"]:
+        groups.append(ParamGroup("llm" if spec["llm"] == "full" else "llm (LoRA)",
+                                 trainable(model.language_model), t.lr))
+    if t.train_vision:
+        groups.append(ParamGroup("vision", trainable(model.vision_tower), t.vision_lr or t.lr))
+    return model, [g for g in groups if g.params]
+
+
+def wrap_lora(language_model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.train.lora
+    target = lc.target_modules
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=target,
+                          task_type="CAUSAL_LM")
+    return get_peft_model(language_model, peft_cfg)
+
+
+def trainable_table(model, groups: list[ParamGroup]) -> str:
+    """A printable table: each part's parameter count, how many train, at which lr."""
+    lr_of = {id(p): g.lr for g in groups for p in g.params}
+    rows = []
+    for name, module in (("vision tower", model.vision_tower), ("projector", model.multi_modal_projector),
+                         ("language model", model.language_model)):
+        params = list(module.parameters())
+        total = sum(p.numel() for p in params)
+        train = sum(p.numel() for p in params if p.requires_grad)
+        lrs = sorted({lr_of[id(p)] for p in params if p.requires_grad and id(p) in lr_of})
+        rows.append((name, total, train, ", ".join(f"{x:g}" for x in lrs) or "-"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'part':<{width}}  {'params':>13}  {'trainable':>13}  lr"]
+    for name, total, train, lr in rows:
+        lines.append(f"{name:<{width}}  {total:>13,}  {train:>13,}  {lr}")
+    total = sum(r[1] for r in rows)
+    train = sum(r[2] for r in rows)
+    lines.append(f"{'total':<{width}}  {total:>13,}  {train:>13,}  ({100 * train / max(total, 1):.2f}% trains)")
+    return "\n".join(lines)
+
+
+def describe_stage(cfg: RunConfig) -> str:
+    return json.dumps({"stage": cfg.train.stage, **STAGE_TABLE[cfg.train.stage]})
