@@ -8,6 +8,7 @@ are errors that list the valid ones) and written back in full to ``RUN_DIR/confi
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,32 @@ def _from_dict(cls, data: dict, where: str):
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in data.items():
         sub = _nested_type(cls, name)
-        kwargs[name] = _from_dict(sub, value or {}, f"{where}.{name}") if sub else value
+        kwargs[name] = _from_dict(sub, value or {}, f"{where}.{name}") if sub else _coerce(
+            value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _coerce(value, annotation, where: str):
+    """YAML 1.1 reads `2e-5` as a string; give numbers their field's type, and say when impossible."""
+    allowed = set(typing.get_args(annotation)) or {annotation}
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return value
+    if float in allowed and not isinstance(value, float):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is not a number") from None
+    if int in allowed and isinstance(value, str) and str not in allowed:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is not an integer") from None
+    return value
 
 
 def _nested_type(cls, name):

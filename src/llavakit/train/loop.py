@@ -57,7 +57,7 @@ def prepare_data(cfg: RunConfig, processor, say=print):
             say(f"error: {p}")
         if not d.skip_invalid:
             raise ConfigError(
-                f"{len(errors)} sample(s) in {d.train} have errors (first ones above); fix them "
+                f"{len({p.index for p in errors})} sample(s) in {d.train} have errors (first ones above); fix them "
                 f"(`llavakit data check {d.train}` lists all) or set data.skip_invalid=true to train on the rest"
             )
         bad = {p.index for p in errors}
@@ -140,6 +140,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     accelerator = Accelerator(
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision],
         log_with=log_with, project_dir=str(run_dir),
+        # we count optimizer steps ourselves; accelerate would otherwise step the schedule once per process
+        step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     main = accelerator.is_main_process
