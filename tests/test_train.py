@@ -293,3 +293,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dirs, d
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+
+
+def test_unfrozen_vision_with_its_own_lr_packing_bf16_checkpointing_and_tensorboard(tiny_dirs, dataset, tmp_path,
+                                                                                     capsys):
+    tree = _cfg(tiny_dirs, dataset, tmp_path / "vis", max_steps=2, train_vision=True, vision_lr=1e-4,
+                precision="bf16", gradient_checkpointing=True, grad_accum=2, batch_size=2,
+                report_to="tensorboard")
+    tree["data"]["packing"] = True
+    run = run_training(_write(tmp_path, tree))
+    out = capsys.readouterr().out
+    vision_row = next(line for line in out.splitlines() if line.startswith("vision tower"))
+    assert vision_row.split()[-1] == "0.0001"  # its own learning rate in the table
+    model, _ = llavakit.load(run / "model")
+    base, _ = llavakit.build(tiny_dirs["clip"], tiny_dirs["llama"])
+    assert any(not torch.equal(a, b) for a, b in zip(model.vision_tower.parameters(), base.vision_tower.parameters()))
+    assert list(run.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert all(r["loss"] == r["loss"] for r in read_losses(run / "losses.jsonl"))
