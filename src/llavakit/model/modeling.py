@@ -125,6 +125,11 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_features, past_key_values)
+        if use_cache is None and past_key_values is None and (
+                self.training or (attention_mask is None and position_ids is not None)):
+            # No KV cache in training, and none for padding-free packed rows: transformers only
+            # detects packed sequences (position ids restarting) when no cache is being built.
+            use_cache = False
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -1,0 +1,174 @@
+"""Conversation -> token ids + labels + image slots, with the length policy.
+
+Labels come from the template's spans, never from splitting a rendered string: the segments are
+merged into runs of equal supervision, each run is tokenized on its own and assistant runs keep their
+ids as labels (everything else is -100). Tokenizing per run gives exactly the ids the model sees at
+inference: the prompt (`Template.render_prompt`) ends where a reply starts, so generation continues
+from a token boundary there, and every reply ends with a special end-of-turn token, which tokenizers
+always split at. (Whole-string tokenization could merge the header's last characters with the
+reply's first ones into one token the model could never produce after the prompt.)
+
+Runs after the first are tokenized behind an *anchor* special token that is then dropped, so a run
+is tokenized as a mid-text piece: sentencepiece-style tokenizers (Metaspace, ``prepend_scheme
+"first"``) then add their word-start marker only at the true start of the text, as for the whole
+string. Byte-level BPE tokenizers (GPT-2/Qwen/Llama-3 style) never merge across the run boundaries
+of the built-in templates; the one known difference is a reply that *starts* with newlines after a
+header ending in a newline (Qwen's pre-tokenizer joins ``"\\n" + "\\n"`` in a whole string).
+
+``<image>`` markers never go through the tokenizer: each becomes exactly ``image_seq_length`` copies
+of ``image_token_id``, unsupervised. Over-long samples are dropped or truncated by removing whole
+trailing rounds (a user turn and the assistant reply after it) with their images; a cut never lands
+inside an image's placeholders. `encode_prompt` tokenizes a generation prompt the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .conversation import IMAGE_MARKER, Conversation, SampleError, Turn
+from .templates import Template, TemplateError
+
+IGNORE_INDEX = -100
+OVERFLOW_POLICIES = ("truncate", "drop")
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]  # [L], image markers expanded to image_seq_length placeholder ids each
+    labels: list[int]  # [L], IGNORE_INDEX where not supervised
+    num_images: int  # images that survive (the first `num_images` of conv.images)
+    truncated: bool  # whether trailing rounds were removed to fit max_length
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class OverlongError(SampleError):
+    """A sample longer than max_length that the length policy removes (dropped, not skipped)."""
+
+
+def _anchor(tokenizer) -> tuple[str, int] | None:
+    """A special token to tokenize mid-text pieces behind (see the module docstring).
+
+    It must not swallow the whitespace after it (``rstrip``), or a reply's leading space would vanish."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for text in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token):
+        if not text:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(text)
+        info = added.get(tid)
+        if tid is None or info is None or getattr(info, "rstrip", False):
+            continue
+        return text, tid
+    return None
+
+
+def _runs(segments) -> list[tuple[str, bool]]:
+    """Merge neighbouring segments with the same supervision flag."""
+    runs: list[list] = []
+    for text, sup in segments:
+        if runs and runs[-1][1] == sup:
+            runs[-1][0] += text
+        else:
+            runs.append([text, sup])
+    return [(t, s) for t, s in runs]
+
+
+def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length: int) -> tuple[list[int], list[int]]:
+    """Segments -> (input_ids, labels), one tokenizer call for all pieces of the sample."""
+    pieces: list[tuple[str | None, bool]] = []  # None = one image
+    for text, sup in _runs(segments):
+        for j, part in enumerate(text.split(IMAGE_MARKER)):
+            if j:
+                pieces.append((None, False))
+            if part:
+                pieces.append((part, sup))
+    anchor = _anchor(tokenizer)
+    texts, where = [], []
+    for k, (part, _) in enumerate(pieces):
+        if part is not None:
+            lead = anchor is not None and k > 0
+            texts.append(anchor[0] + part if lead else part)
+            where.append((k, lead))
+    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    by_piece: dict[int, list[int]] = {}
+    for (k, lead), ids in zip(where, tokenized):
+        if lead:
+            if not ids or ids[0] != anchor[1]:
+                raise ValueError(f"tokenizing behind the anchor {anchor[0]!r} did not start with its id; this "
+                                 "tokenizer splits special tokens differently and is not supported")
+            ids = ids[1:]
+        by_piece[k] = list(ids)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for k, (part, sup) in enumerate(pieces):
+        if part is None:
+            input_ids += [image_token_id] * image_seq_length
+            labels += [IGNORE_INDEX] * image_seq_length
+            continue
+        ids = by_piece[k]
+        input_ids += ids
+        labels += [t if sup and t != image_token_id else IGNORE_INDEX for t in ids]
+    return input_ids, labels
+
+
+def _rounds(turns: list[Turn]) -> list[int]:
+    """Cut points: number of turns kept when keeping the first k rounds, k = 1, 2, ...
+
+    A round ends with an assistant turn; trailing non-assistant turns belong to no round."""
+    return [i + 1 for i, t in enumerate(turns) if t.role == "assistant"]
+
+
+def encode(conv: Conversation, template: Template, tokenizer, image_token_id: int, image_seq_length: int,
+           max_length: int | None = None, overflow: str = "truncate") -> EncodedSample:
+    """One conversation -> `EncodedSample`; raises `SampleError` for a sample not to train on."""
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow={overflow!r} is not one of {list(OVERFLOW_POLICIES)}")
+    markers = conv.num_markers()
+    if markers != len(conv.images):
+        raise SampleError.of(conv, f"{markers} {IMAGE_MARKER} marker(s) but {len(conv.images)} image(s)",
+                             f"put exactly one {IMAGE_MARKER} where each image belongs (run `llavakit data check`)")
+
+    def run(turns: list[Turn]) -> tuple[list[int], list[int]]:
+        try:
+            segs = template.segments(turns)
+        except TemplateError as e:
+            raise SampleError.of(conv, f"template {template.name!r} cannot render it: {e}",
+                                 "fix the turn roles or choose another template") from e
+        return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length)
+
+    ids, labels = run(conv.turns)
+    if not any(x != IGNORE_INDEX for x in labels):
+        raise SampleError.of(conv, "no supervised token: the conversation has no assistant reply to learn",
+                             "add an assistant turn or remove the sample")
+    truncated = False
+    kept_turns = conv.turns
+    if max_length is not None and len(ids) > max_length:
+        if overflow == "drop":
+            raise OverlongError.of(conv, f"{len(ids)} tokens > max_length {max_length} (overflow='drop')",
+                                   "raise max_length or use overflow='truncate'")
+        # Keep the most leading rounds that fit; length grows with every round, so bisect.
+        cuts = [c for c in _rounds(conv.turns) if c < len(conv.turns)]
+        lo, hi, best = 0, len(cuts) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            got = run(conv.turns[:cuts[mid]])
+            if len(got[0]) <= max_length:
+                best, lo = (cuts[mid], got), mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            first = len(run(conv.turns[:cuts[0]])[0]) if cuts else len(ids)
+            raise OverlongError.of(
+                conv, f"even its first round is {first} tokens > max_length {max_length}; it cannot be cut "
+                      "at a turn boundary", "raise max_length, or shorten the first exchange")
+        kept_turns, (ids, labels), truncated = conv.turns[:best[0]], best[1], True
+    n_images = sum(t.content.count(IMAGE_MARKER) for t in kept_turns)
+    return EncodedSample(ids, labels, n_images, truncated)
+
+
+def encode_prompt(turns: list[Turn], template: Template, tokenizer, image_token_id: int,
+                  image_seq_length: int) -> list[int]:
+    """Ids of `template.render_prompt(turns)`, tokenized exactly as training tokenized that text."""
+    segs = template.segments(turns, add_generation_prompt=True)
+    return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length)[0]
