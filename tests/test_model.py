@@ -239,3 +239,39 @@ def test_pad_aspect_fills_with_the_processor_mean_colour(tiny_dirs):
     # top row is padding: mean colour normalises to ~0; the middle row is the white image
     assert px[:, 0, :].abs().max() < 0.02
     assert px[:, 16, :].min() > 1.0
+
+
+@pytest.mark.parametrize("items", [None, 7])
+def test_supervised_only_logits_give_the_same_loss_and_gradients(tiny_built, items):
+    model, processor = tiny_built
+    batch = processor(text=["<image> what colour? red", "say hi: hi there"], images=[_images(1), []],
+                      return_tensors="pt", padding_side="right")
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100  # supervise the last three tokens of each row (pads included in row 2: fine)
+    labels[batch["attention_mask"] == 0] = -100
+    extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+    model.train()
+    try:
+        full = model(**batch, labels=labels, **extra)
+        full.loss.backward()
+        g_full = model.multi_modal_projector.linear_1.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        sparse = model(**batch, labels=labels, supervised_logits_only=True, **extra)
+        sparse.loss.backward()
+        g_sparse = model.multi_modal_projector.linear_1.weight.grad.clone()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert sparse.logits is None
+    torch.testing.assert_close(sparse.loss, full.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_sparse, g_full, atol=1e-6, rtol=1e-4)
+
+
+def test_cached_vision_features_give_the_same_logits_as_pixels(tiny_built):
+    model, processor = tiny_built
+    batch = processor(text="a <image> b <image>", images=_noise_images(2, seed=5), return_tensors="pt")
+    with torch.no_grad():
+        feats = model.vision_features(batch["pixel_values"])  # what a stage-1 cache stores
+        ref = model(**batch).logits
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], vision_features=feats).logits
+    torch.testing.assert_close(got, ref)

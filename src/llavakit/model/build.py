@@ -174,7 +174,13 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device_map=None,
          attn_implementation: str | None = None, **hub_kwargs):
-    """Open a saved llavakit model directory (or hub id): returns (model, processor)."""
+    """Open a saved model: llavakit's own, or an llava-hf / original-LLaVA checkpoint (imported).
+
+    Returns (model, processor)."""
+    from llavakit.interop import checkpoint_format, open_checkpoint
+
+    if checkpoint_format(path) != "llavakit":
+        return open_checkpoint(path, dtype=dtype)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kwargs = dict(hub_kwargs)

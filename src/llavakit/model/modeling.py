@@ -91,9 +91,16 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), feats)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
-        """Token embeddings with image features spliced in: [B, L, D_llm]."""
+              image_features: torch.Tensor | None = None, past_key_values=None,
+              vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features spliced in: [B, L, D_llm].
+
+        Images come as `pixel_values`, as cached tower outputs `vision_features` (before the
+        projector, e.g. from a stage-1 feature cache), or as ready `image_features`.
+        """
         inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_features is None and vision_features is not None and vision_features.shape[0] > 0:
+            image_features = self.multi_modal_projector(vision_features.to(inputs_embeds.dtype))
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
@@ -119,17 +126,24 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_features: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        supervised_logits_only: bool = False,
         **kwargs,
     ):
+        """Causal-LM outputs. With `labels` and `supervised_logits_only=True` the LM head runs only
+        at supervised positions (most LLaVA tokens are image or prompt tokens), the loss is the same
+        and `logits` is None."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_features, past_key_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_features, past_key_values, vision_features)
         if use_cache is None and past_key_values is None and (
                 self.training or (attention_mask is None and position_ids is not None)):
             # No KV cache in training, and none for padding-free packed rows: transformers only
             # detects packed sequences (position ids restarting) when no cache is being built.
             use_cache = False
+        if supervised_logits_only and labels is not None:
+            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -140,3 +154,18 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, num_items_in_batch=None,
+                         **kwargs):
+        """Cross-entropy from LM-head rows at supervised positions only: [N_sup, V], not [B, L, V]."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        decoder = self.language_model.get_decoder()
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, **kwargs).last_hidden_state  # [B, L, D]
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != -100  # [B, L-1]
+        logits = self.language_model.get_output_embeddings()(hidden[:, :-1][keep])  # [N_sup, V]
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss / denom, logits=None)

@@ -59,7 +59,7 @@ class LlavakitProcessor(ProcessorMixin):
     # --- images ---------------------------------------------------------------------------------
     def _fill_colour(self) -> tuple[int, int, int]:
         mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        return tuple(int(round(255 * m)) for m in mean)
+        return tuple(int(255 * m) for m in mean)  # truncation, as LLaVA and transformers do
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values [N, 3, H, W] (float32)."""

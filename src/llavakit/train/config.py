@@ -78,6 +78,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    # LM head + loss only at supervised positions (same loss, no [B, L, vocab] logits tensor)
+    supervised_logits_only: bool = True
     seed: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2

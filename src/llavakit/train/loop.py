@@ -200,7 +200,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             if not window:  # defensive: an exhausted epoch moves to the next one
                 state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
                 break
-            loss, real_tokens = _step(accelerator, model, optimizer, scheduler, window, t.max_grad_norm, world)
+            loss, real_tokens = _step(accelerator, model, optimizer, scheduler, window, t, world)
             state["step"] += 1
             state["micro_in_epoch"] += len(window)
             if state["micro_in_epoch"] >= len(epoch_batches):  # epoch done: the next step starts a new one
@@ -232,7 +232,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def _step(accelerator, model, optimizer, scheduler, window, max_grad_norm, world) -> tuple[float, int]:
+def _step(accelerator, model, optimizer, scheduler, window, t, world) -> tuple[float, int]:
     """One optimizer step over an accumulation window; loss = Σ CE / supervised tokens of the global batch."""
     device = accelerator.device
     local = sum(supervised_count(mb["labels"]) for mb in window).to(device)
@@ -243,13 +243,13 @@ def _step(accelerator, model, optimizer, scheduler, window, max_grad_norm, world
         real += int(mb["attention_mask"].sum()) if "attention_mask" in mb else int(mb["input_ids"].numel())
         sync = i == len(window) - 1
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-            out = model(**mb, num_items_in_batch=n_items)
+            out = model(**mb, num_items_in_batch=n_items, supervised_logits_only=t.supervised_logits_only)
             # DDP averages gradients over processes; scale so the result is the global token mean.
             loss = out.loss * world
         accelerator.backward(loss)
         total += out.loss.detach()
-    if max_grad_norm and max_grad_norm > 0:
-        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    if t.max_grad_norm and t.max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

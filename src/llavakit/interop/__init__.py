@@ -1,0 +1,108 @@
+"""Interop: export llavakit models for other tools, and open other tools' LLaVA checkpoints.
+
+    export(src, out, format="hf-llava")      a llavakit model dir (or run dir) -> llava-hf folder
+    open_checkpoint(path) -> (model, processor)
+        llavakit folder              -> llavakit.model.build.load
+        llava-hf folder / hub id     -> import_hf_llava        (architectures: LlavaForConditionalGeneration)
+        original LLaVA checkpoint    -> import_original_llava  (architectures: LlavaLlamaForCausalLM, ...)
+
+Formats are told apart by the exact `model_type` / `architectures` in config.json, never by a name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .hf_llava import export_hf_llava, import_hf_llava
+from .original_llava import ORIGINAL_ARCHITECTURES, import_original_llava
+
+# export format -> writer(model, processor, out, **options)
+EXPORT_FORMATS = {"hf-llava": export_hf_llava}
+
+# config.json "architectures"[0] -> checkpoint format (llavakit itself is recognised by model_type)
+ARCHITECTURE_FORMATS = {"LlavaForConditionalGeneration": "hf-llava",
+                        **{arch: "original-llava" for arch in ORIGINAL_ARCHITECTURES}}
+
+__all__ = ["EXPORT_FORMATS", "checkpoint_format", "export", "export_hf_llava", "import_hf_llava",
+           "import_original_llava", "open_checkpoint", "resolve_model_dir"]
+
+
+def _config_dict(path: str | Path, **hub_kwargs) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{cfg} not found: {p} is not a model checkpoint folder")
+        return json.loads(cfg.read_text())
+    if p.exists():
+        raise ValueError(f"{p} is a file; pass the checkpoint folder that holds config.json")
+    from transformers import PreTrainedConfig  # a hub id: let transformers fetch (or find cached) config.json
+
+    return PreTrainedConfig.get_config_dict(str(path), **hub_kwargs)[0]
+
+
+def checkpoint_format(path: str | Path, **hub_kwargs) -> str:
+    """'llavakit', 'hf-llava' or 'original-llava', from config.json's model_type / architectures."""
+    cfg = _config_dict(path, **hub_kwargs)
+    if cfg.get("model_type") == "llavakit":
+        return "llavakit"
+    archs = cfg.get("architectures") or []
+    if archs and archs[0] in ARCHITECTURE_FORMATS:
+        return ARCHITECTURE_FORMATS[archs[0]]
+    raise ValueError(
+        f"{path}: config.json has model_type={cfg.get('model_type')!r}, architectures={archs}; llavakit opens "
+        f"model_type 'llavakit' and architectures {sorted(ARCHITECTURE_FORMATS)}"
+    )
+
+
+def open_checkpoint(path: str | Path, **kwargs):
+    """(model, processor) from any checkpoint llavakit understands (see the module docstring).
+
+    Extra keyword arguments go to the importer (e.g. `dtype`; `vision`/`llm`/`projector_bin` for an
+    original-LLaVA checkpoint).
+    """
+    fmt = checkpoint_format(path)
+    if fmt == "llavakit":
+        from ..model.build import load
+
+        return load(path, **kwargs)
+    if fmt == "hf-llava":
+        return import_hf_llava(path, **kwargs)
+    return import_original_llava(path, **kwargs)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder holding a saved llavakit model: `path` itself, or `path/model` for a training run dir."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    for cand in (p, p / "model"):
+        cfg = cand / "config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llavakit":
+            return cand
+    if (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file():
+        raise ValueError(f"{p} holds a LoRA adapter, not a full model; run `llavakit merge-lora` first and export "
+                         "the merged folder")
+    if (p / "config.json").is_file():
+        mt = json.loads((p / "config.json").read_text()).get("model_type")
+        raise ValueError(f"{p / 'config.json'} is a {mt!r} model, not a llavakit one (model_type 'llavakit')")
+    raise FileNotFoundError(
+        f"no llavakit model in {p}: looked for {p / 'config.json'} and {p / 'model' / 'config.json'}. Pass a saved "
+        "model folder or a finetune run folder (its model/ subfolder is used); a pretrain run saves only the "
+        "projector, and checkpoint-N folders hold training state, not a model"
+    )
+
+
+def export(src, out: str | Path, format: str = "hf-llava", **options) -> Path:
+    """Export `src` — a llavakit model folder, a run folder (uses `RUN/model`) or a (model, processor)
+    pair — to `out` in `format`."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
+    if isinstance(src, (tuple, list)):
+        model, processor = src
+    else:
+        from ..model.build import load
+
+        model, processor = load(resolve_model_dir(src))
+    return EXPORT_FORMATS[format](model, processor, out, **options)

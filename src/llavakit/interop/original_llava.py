@@ -1,0 +1,297 @@
+"""Import checkpoints of the original LLaVA code base (haotian-liu/LLaVA) to start training from.
+
+Such a checkpoint is the LLM's own folder with LLaVA's additions (facts from LLaVA's
+`llava/model/llava_arch.py`, `multimodal_projector/builder.py`, `multimodal_encoder/clip_encoder.py`):
+
+    config.json   architectures ["LlavaLlamaForCausalLM"], the LLM's fields, plus mm_vision_tower (hub id
+                  or path of the CLIP tower), mm_projector_type ("linear", "mlp2x_gelu", ...),
+                  mm_vision_select_layer, mm_vision_select_feature ("patch" | "cls_patch"), mm_hidden_size,
+                  image_aspect_ratio ("pad" | "square"), mm_use_im_start_end
+    weights       model.layers.* / model.embed_tokens.* / model.norm.* / lm_head.*      the LLM
+                  model.mm_projector.{0,2,...}.*    nn.Sequential(Linear, GELU, Linear, ...); "linear" is a
+                                                    bare nn.Linear: model.mm_projector.{weight,bias}
+                  model.vision_tower.vision_tower.vision_model.*   sometimes (a tuned tower)
+    mm_projector.bin    what a stage-1 (pretrain) run saves: only model.mm_projector.*
+
+Original LLaVA marks images with the id -200 in code, so its tokenizer has no `<image>` token: we add
+one (and a pad token if missing) exactly as `llavakit.build` does, new embedding rows = mean of the old.
+`.bin` files are only ever read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+from ..model.build import (IMAGE_TOKEN, _add_tokens_and_resize, _check_loading, count_prefix_tokens,
+                           load_language_model, load_vision_tower)
+from ..model.config import FEATURE_SELECT, LlavakitConfig
+from ..model.modeling import LlavakitForConditionalGeneration
+from ..model.processor import LlavakitProcessor
+from .hf_llava import SAFE_INDEX, SAFE_WEIGHTS, legacy_tower_prefix
+
+log = logging.getLogger(__name__)
+
+# LLaVA architecture -> model_type of the causal LM it wraps
+ORIGINAL_ARCHITECTURES: dict[str, str] = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
+
+# LLaVA's mm_projector_type -> llavakit projector (same maths, same names)
+ORIGINAL_PROJECTORS: dict[str, str] = {"linear": "linear", "identity": "identity",
+                                       **{f"mlp{n}x_gelu": f"mlp{n}x_gelu" for n in range(2, 7)}}
+
+# LLaVA's image_aspect_ratio -> llavakit image_aspect ("square" = the image processor as is)
+ORIGINAL_ASPECTS: dict[str, str] = {"pad": "pad", "square": "resize"}
+
+# Fields LLaVA adds to the LLM's config.json; everything else describes the LLM itself.
+LLAVA_CONFIG_KEYS = frozenset({
+    "architectures", "model_type", "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
+    "tokenizer_padding_side", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "tune_mm_vision_resampler",
+    "freeze_mm_vision_resampler", "unfreeze_mm_vision_tower", "use_mm_proj", "mm_projector_lr",
+    "mm_vision_tower_lr", "s2", "s2_scales",
+})
+
+PROJECTOR_BIN = "mm_projector.bin"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_PROJECTOR_MARK = "mm_projector."  # LLaVA itself keeps what follows this in each key (its `get_w`)
+_TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+
+# --- reading checkpoint files ----------------------------------------------------------------------
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler refused something that is not plain tensors
+        raise ValueError(
+            f"{path} could not be read as plain tensors (torch.load with weights_only=True refused it: {e}). "
+            "llavakit never unpickles arbitrary objects; convert the file to safetensors with code you trust."
+        ) from e
+
+
+def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: `model.safetensors`, sharded safetensors, `pytorch_model.bin`
+    or sharded .bin (each index's `weight_map` names the shards). `.bin` files are read with
+    ``torch.load(weights_only=True)`` only."""
+    d = Path(model_dir)
+    for index_name, single in ((SAFE_INDEX, SAFE_WEIGHTS), (BIN_INDEX, BIN_WEIGHTS)):
+        index, single_path = d / index_name, d / single
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif single_path.is_file():
+            files = [single]
+        else:
+            continue
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            if f.endswith(".safetensors"):
+                with safe_open(str(d / f), framework="pt") as fh:
+                    out.update({k: fh.get_tensor(k) for k in fh.keys()})
+            else:
+                out.update(_torch_load(d / f))
+        return out
+    raise FileNotFoundError(
+        f"no weights in {d}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
+    )
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    d = Path(model_dir)
+    return any((d / n).is_file() for n in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX))
+
+
+def _is_llava_part(key: str) -> bool:
+    """Weights LLaVA adds to the LLM's state dict (everything else belongs to the LLM)."""
+    return _PROJECTOR_MARK in key or key.startswith(("model.vision_tower.", "model.vision_resampler."))
+
+
+def projector_state_dict(weights: dict[str, torch.Tensor], projector: str, source) -> dict[str, torch.Tensor]:
+    """LLaVA's mm_projector weights -> llavakit names. [Sequential index 2k -> linear_{k+1}]"""
+    out = {}
+    for key, t in weights.items():
+        if _PROJECTOR_MARK not in key:
+            continue
+        rest = key.split(_PROJECTOR_MARK, 1)[1]  # "0.weight" / "weight"
+        head, _, param = rest.rpartition(".")
+        if projector == "linear" and head == "":
+            out[f"linear_1.{param}"] = t
+        elif projector != "linear" and head.isdigit() and int(head) % 2 == 0:
+            out[f"linear_{int(head) // 2 + 1}.{param}"] = t
+        else:
+            raise ValueError(f"{source}: unexpected projector weight {key!r} for mm_projector_type {projector!r}")
+    return out
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: pass the folder of an original-LLaVA checkpoint "
+                                "(the one holding config.json)")
+    raw = json.loads(cfg_path.read_text())
+    arch = (raw.get("architectures") or [None])[0]
+    if arch not in ORIGINAL_ARCHITECTURES:
+        raise ValueError(f"{cfg_path}: architectures {raw.get('architectures')} is not an original-LLaVA model; "
+                         f"known: {', '.join(ORIGINAL_ARCHITECTURES)}")
+    return raw
+
+
+def _lookup(table: dict, value, what: str, cfg_path: Path):
+    if value not in table:
+        raise ValueError(f"{cfg_path}: {what}={value!r} is not supported; supported: {', '.join(map(str, table))}")
+    return table[value]
+
+
+def _load_projector_weights(path: Path, ckpt: dict, projector_bin, projector: str):
+    """Projector weights, first found of: projector_bin, the checkpoint's own, path/mm_projector.bin."""
+    if projector_bin is not None:
+        projector_bin = Path(projector_bin)
+        if not projector_bin.is_file():
+            raise FileNotFoundError(f"projector weights {projector_bin} not found")
+        return projector_state_dict(_torch_load(projector_bin), projector, projector_bin), projector_bin
+    own = {k: v for k, v in ckpt.items() if _PROJECTOR_MARK in k}
+    if own:
+        return projector_state_dict(own, projector, path), path
+    if (path / PROJECTOR_BIN).is_file():
+        return projector_state_dict(_torch_load(path / PROJECTOR_BIN), projector, path / PROJECTOR_BIN), \
+            path / PROJECTOR_BIN
+    if projector == "identity":
+        return {}, None
+    raise FileNotFoundError(
+        f"no projector weights for {path}: the checkpoint has no model.mm_projector.* weights and "
+        f"{path / PROJECTOR_BIN} does not exist; pass projector_bin= (a pretrain run's mm_projector.bin)"
+    )
+
+
+def _text_config(raw: dict, family: str):
+    fields = {k: v for k, v in raw.items() if k not in LLAVA_CONFIG_KEYS and not k.startswith("mm_")
+              and not k.startswith("_")}
+    cfg = AutoConfig.for_model(family, **fields)
+    cfg.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    return cfg
+
+
+def _load_llm(path: Path, ckpt: dict, raw: dict, family: str, llm, dtype, hub_kwargs):
+    if llm is not None:
+        return load_language_model(llm, dtype=dtype, **hub_kwargs), str(llm)
+    llm_weights = {k: v for k, v in ckpt.items() if not _is_llava_part(k)}
+    if not llm_weights:
+        raise FileNotFoundError(
+            f"{path} holds no language-model weights (a pretrain run saves only {PROJECTOR_BIN}); pass llm= "
+            f"(--llm): the hub id or folder of the LLM the run started from (config says "
+            f"{raw.get('_name_or_path')!r})"
+        )
+    text_config = _text_config(raw, family)
+    lm_cls = AutoModelForCausalLM._model_mapping[type(text_config)]
+    # transformers' loader with our tensors: meta init, buffers, tying and dtype handled as for any checkpoint
+    lm, info = lm_cls.from_pretrained(None, config=text_config, state_dict=llm_weights, dtype=dtype or "auto",
+                                      output_loading_info=True)
+    if getattr(lm.config, "tie_word_embeddings", False):  # an absent lm_head is expected: it is re-tied
+        info["missing_keys"] = [k for k in info.get("missing_keys") or [] if k != "lm_head.weight"]
+    _check_loading("language model", path, info, dual_encoder=False)
+    return lm, str(path)
+
+
+def _apply_tower_weights(tower, ckpt: dict, path: Path) -> bool:
+    """Overwrite the tower with the checkpoint's own copy (model.vision_tower.vision_tower.*), if any."""
+    own = {k[len(_TOWER_PREFIX):]: v for k, v in ckpt.items() if k.startswith(_TOWER_PREFIX)}
+    if not own:
+        return False
+    prefix = legacy_tower_prefix(tower)  # LLaVA saved CLIP with transformers 4.x names: vision_model.*
+    own = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in own.items()}
+    own = {k: v for k, v in own.items() if not k.endswith("position_ids")}  # a buffer 4.x sometimes saved
+    result = tower.load_state_dict(own, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: its vision-tower weights do not fit the tower from mm_vision_tower: missing "
+            f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}; pass vision= the tower it "
+            "was trained with"
+        )
+    return True
+
+
+def import_original_llava(path: str | Path, vision: str | Path | None = None, llm: str | Path | None = None,
+                          projector_bin: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                          **hub_kwargs):
+    """Open an original-LLaVA checkpoint folder as a llavakit (model, processor) pair.
+
+    path           the checkpoint folder (config.json; LLM weights unless `llm` is given; tokenizer)
+    vision         the CLIP tower (hub id or folder); default: config's mm_vision_tower
+    llm            where the LLM weights come from instead of `path` (a pretrain run has none: pass the
+                   LLM it started from)
+    projector_bin  a pretrain run's mm_projector.bin; default: the checkpoint's own projector weights,
+                   else path/mm_projector.bin
+    """
+    path = Path(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    raw = _read_config(path)
+    cfg_path = path / "config.json"
+    family = ORIGINAL_ARCHITECTURES[raw["architectures"][0]]
+    projector = _lookup(ORIGINAL_PROJECTORS, raw.get("mm_projector_type", "linear"), "mm_projector_type", cfg_path)
+    aspect = _lookup(ORIGINAL_ASPECTS, raw.get("image_aspect_ratio", "square"), "image_aspect_ratio", cfg_path)
+    select = _lookup({s: s for s in FEATURE_SELECT}, raw.get("mm_vision_select_feature", "patch"),
+                     "mm_vision_select_feature", cfg_path)
+    if "mm_vision_select_layer" not in raw:
+        raise ValueError(f"{cfg_path} has no mm_vision_select_layer; it is not a LLaVA checkpoint config")
+    vision = vision or raw.get("mm_vision_tower")
+    if not vision:
+        raise ValueError(f"{cfg_path} has no mm_vision_tower; pass vision= (the CLIP tower's hub id or folder)")
+
+    ckpt = read_state_dict(path) if has_weights(path) else {}
+    lm, llm_source = _load_llm(path, ckpt, raw, family, llm, dtype, hub_kwargs)
+    lm_dtype = next(lm.parameters()).dtype
+    tower = load_vision_tower(vision, dtype=lm_dtype, **hub_kwargs)
+    tuned_tower = _apply_tower_weights(tower, ckpt, path)
+    if raw.get("mm_hidden_size") not in (None, tower.config.hidden_size):
+        raise ValueError(f"{cfg_path}: mm_hidden_size={raw['mm_hidden_size']} but the tower {vision} has hidden "
+                         f"size {tower.config.hidden_size}; pass vision= the tower the checkpoint was trained with")
+    proj_weights, proj_source = _load_projector_weights(path, ckpt, projector_bin, projector)
+
+    tok_source = path if (path / "tokenizer_config.json").is_file() else llm
+    if tok_source is None:
+        raise FileNotFoundError(f"no tokenizer in {path} (tokenizer_config.json); pass llm= to use the LLM's")
+    tokenizer = AutoTokenizer.from_pretrained(tok_source, **hub_kwargs)
+    _add_tokens_and_resize(tokenizer, lm)  # <image> (+ <pad>): LLaVA marked images with id -200 in code
+    tokenizer.padding_side = "left"
+    image_processor = AutoImageProcessor.from_pretrained(vision, **hub_kwargs)
+
+    config = LlavakitConfig(
+        vision_config=tower.config,
+        text_config=lm.config,
+        projector=projector,
+        vision_feature_layer=raw["mm_vision_select_layer"],
+        vision_feature_select=select,
+        vision_prefix_tokens=count_prefix_tokens(tower, tower.config),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+        components={"vision": str(vision), "llm": llm_source, "original-llava": str(path),
+                    "projector": str(proj_source) if proj_source else None},
+    )
+    with torch.device("meta"):
+        model = LlavakitForConditionalGeneration(config)
+    model.vision_tower, model.language_model = tower, lm
+    model.config.vision_config, model.config.text_config = tower.config, lm.config
+    try:
+        model.multi_modal_projector.load_state_dict({k: v.to(lm_dtype) for k, v in proj_weights.items()},
+                                                    strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"projector weights from {proj_source} do not fit a {projector!r} projector between "
+                         f"the tower and the LLM: {e}") from e
+    model.generation_config = lm.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.vision_tower.requires_grad_(False)
+    model.eval()
+    if raw.get("mm_use_im_start_end"):
+        log.warning("%s was trained with mm_use_im_start_end: write each image as <im_start><image><im_end> "
+                    "in prompts", path)
+    log.info("imported original LLaVA %s: LLM from %s, projector %s from %s, tower %s%s", path, llm_source,
+             projector, proj_source, vision, " (tuned weights from the checkpoint)" if tuned_tower else "")
+    processor = LlavakitProcessor(image_processor, tokenizer, image_token=IMAGE_TOKEN,
+                                  image_seq_length=config.image_seq_length, image_aspect=aspect,
+                                  chat_template=tokenizer.chat_template)
+    return model, processor
