@@ -35,6 +35,7 @@ class DatasetReport:
     dropped: int = 0  # removed by the length policy
     skipped: int = 0  # removed because they cannot be trained on (no supervised token, ...)
     problems: list[Problem] = field(default_factory=list)  # one per dropped or skipped sample
+    skipped_indices: list[int] = field(default_factory=list)  # source indices of the skipped ones
 
     def as_dict(self) -> dict:
         return {"total": self.total, "kept": self.kept, "truncated": self.truncated, "dropped": self.dropped,
@@ -103,6 +104,7 @@ class SupervisedDataset(Dataset):
                     self.report.dropped += 1
                 else:
                     self.report.skipped += 1
+                    self.report.skipped_indices.append(conv.index)
                 continue
             labels = np.asarray(enc.labels, dtype=np.int64)
             self._convs.append(conv)

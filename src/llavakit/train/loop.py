@@ -33,8 +33,13 @@ LOSS_LOG = "losses.jsonl"
 
 
 # --- data ---------------------------------------------------------------------------------------
-def prepare_data(cfg: RunConfig, processor, say=print):
-    """Read, validate and tokenize the training data; refuse to start on errors unless told."""
+def prepare_data(cfg: RunConfig, processor, say=print, run_dir: Path | None = None):
+    """Read, validate and tokenize the training data; refuse to start on errors unless told.
+
+    Structural and image checks come from `llavakit.data.validate` (the same as `llavakit data
+    check`); token-level problems (nothing to supervise, too long to keep) come from building the
+    dataset, so every sample is tokenized once.
+    """
     from llavakit.data.dataset import SupervisedDataset
     from llavakit.data.formats import load_conversations
     from llavakit.data.templates import get_template
@@ -42,12 +47,18 @@ def prepare_data(cfg: RunConfig, processor, say=print):
 
     d = cfg.data
     convs, problems = load_conversations(d.train, format=d.format, image_folder=d.image_folder, on_error="collect")
+    problems = validate((convs, problems), check_images=d.check_images)
+    bad = {p.index for p in problems if p.severity == "error"}
     template = get_template(d.template, processor.tokenizer)
-    problems += validate(convs, tokenizer=processor.tokenizer, template=template,
-                         image_token_id=processor.image_token_id, image_seq_length=processor.image_seq_length,
-                         max_length=None, check_images=d.check_images)
-    errors = [p for p in problems if p.severity == "error"]
+    dataset = SupervisedDataset([c for c in convs if c.index not in bad], processor, template,
+                                max_length=d.max_length, overflow=d.overflow)
+    report = dataset.report
+    skipped = [p for p in report.problems if p.index in set(report.skipped_indices)]
+    errors = [p for p in problems if p.severity == "error"] + skipped
     warnings = [p for p in problems if p.severity == "warning"]
+    if run_dir is not None:
+        (run_dir / "data_report.json").write_text(json.dumps(
+            {"problems": [p.as_dict() for p in problems], **report.as_dict()}, indent=1))
     for p in warnings[:5]:
         say(f"warning: {p}")
     if len(warnings) > 5:
@@ -55,25 +66,17 @@ def prepare_data(cfg: RunConfig, processor, say=print):
     if errors:
         for p in errors[:10]:
             say(f"error: {p}")
+        n_bad = len({p.index for p in errors})
         if not d.skip_invalid:
             raise ConfigError(
-                f"{len({p.index for p in errors})} sample(s) in {d.train} have errors (first ones above); fix them "
+                f"{n_bad} sample(s) in {d.train} have errors (first ones above); fix them "
                 f"(`llavakit data check {d.train}` lists all) or set data.skip_invalid=true to train on the rest"
             )
-        bad = {p.index for p in errors}
-        convs = [c for c in convs if c.index not in bad]
-        say(f"skipping {len(bad)} invalid sample(s) (data.skip_invalid=true); {len(convs)} remain")
-    dataset = SupervisedDataset(convs, processor, template, max_length=d.max_length, overflow=d.overflow)
-    say(_format_report(dataset.report))
+        say(f"skipping {n_bad} invalid sample(s) (data.skip_invalid=true); {len(dataset)} remain")
+    say(f"data: {report}")
     if len(dataset) == 0:
         raise ConfigError(f"no trainable samples left in {d.train}")
     return dataset
-
-
-def _format_report(report) -> str:
-    if isinstance(report, dict):
-        return "data: " + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, (list, dict)))
-    return f"data: {report}"
 
 
 def epoch_order(dataset, cfg: RunConfig, epoch: int, global_batch: int) -> list[int]:
@@ -156,7 +159,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
 
     model, processor = assemble(cfg)
     processor.template = cfg.data.template
-    dataset = prepare_data(cfg, processor, say)
+    dataset = prepare_data(cfg, processor, say, run_dir if main else None)
     model, groups = apply_stage(model, cfg)
     say(trainable_table(model, groups))
 
@@ -225,6 +228,10 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     saved = _save_final(accelerator, model, processor, cfg, run_dir)
     accelerator.end_training()
+    if world == 1:  # let a later run in this process (e.g. stage 2 after stage 1) choose its own precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     if main:
         png = plot_losses(run_dir / LOSS_LOG, run_dir / "loss.png", title=f"{t.stage}: {run_dir.name}")
         say(f"done: {state['step']} steps. Saved: " + "; ".join(f"{k} -> {v}" for k, v in saved.items())

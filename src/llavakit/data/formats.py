@@ -1,0 +1,492 @@
+"""Readers: every supported dataset row becomes one `Conversation` (or a `Problem` saying why not).
+
+Two row schemas, read from three kinds of container:
+
+* ``llava`` — ``{"id", "image": path | "images": [paths], "conversations": [{"from", "value"}]}``;
+  ``from`` is human / gpt / system (user / assistant also accepted). xtuner's spelling
+  ``conversation`` is accepted, with either ``{from, value}`` turns or its own ``{system, input,
+  output}`` exchanges. A row without an image is a text-only sample.
+* ``messages`` (ShareGPT / OpenAI / TRL) — ``{"messages": [{"role", "content"}], "images": [...]}``;
+  ``content`` is a string with ``<image>`` markers or a list of ``{"type": "image" | "text"}`` parts.
+
+Containers: a ``.json`` array or ``.jsonl`` file, a Python list of rows, or a Hugging Face
+``datasets`` source (a ``Dataset``/``IterableDataset`` object, a ``save_to_disk`` folder, parquet /
+arrow files, optionally streamed). Image paths are resolved against ``image_folder`` (default: the
+data file's folder). Images from ``datasets`` are kept as encoded bytes, so they are decoded lazily,
+in dataloader workers, by `llavakit.data.images.open_image`.
+
+Readers only normalise; what can be judged on a normalised conversation (alternating roles,
+marker counts, images on disk, ...) is `llavakit.data.validate`'s job.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+from .conversation import IMAGE_MARKER, Conversation, Problem, SampleError, Turn
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "llava", "messages", "hf")
+ROW_SCHEMAS = ("llava", "messages")
+# Accepted role spellings -> our roles. Exact keys only: an unknown role is an error, never a guess.
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+KNOWN_KEYS = {
+    "llava": {"id", "image", "images", "conversations", "conversation"},
+    "messages": {"id", "image", "images", "messages"},
+}
+_JSON_SUFFIXES = (".json", ".jsonl")
+_HF_SUFFIXES = (".parquet", ".arrow")
+
+
+class DataSourceError(ValueError):
+    """The source as a whole cannot be read (missing file, unknown format, broken JSON array)."""
+
+
+class _RowError(Exception):
+    def __init__(self, reason: str, hint: str, id: str | None = None):
+        self.reason, self.hint, self.id = reason, hint, id
+
+
+# --- containers ---------------------------------------------------------------------------------
+def _is_hf_object(source: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(source, (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict,
+                               datasets.IterableDatasetDict))
+
+
+def _container(source: Any, format: str) -> str:
+    if isinstance(source, (list, tuple)):
+        return "list"
+    if _is_hf_object(source):
+        return "hf"
+    path = Path(source)
+    if not path.exists():
+        raise DataSourceError(f"{path}: no such file or folder")
+    if path.is_dir() or path.suffix.lower() in _HF_SUFFIXES or format == "hf":
+        return "hf"
+    if path.suffix.lower() in _JSON_SUFFIXES:
+        return "json"
+    raise DataSourceError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+                          f"use .json/.jsonl, a datasets folder or parquet, or pass --format {'|'.join(FORMATS[1:])}")
+
+
+def _first_line(path: Path) -> str:
+    with path.open(encoding="utf-8-sig") as f:
+        return next((line.strip() for line in f if line.strip()), "")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(index, row) pairs; a row that is not valid JSON comes back as a `_RowError`.
+
+    A JSON array is indexed by position, JSONL by line (index = line number - 1) and read lazily,
+    line by line. A ``.json`` that is really JSONL, or the reverse, is read for what it is.
+    """
+    first = _first_line(path)
+    if first.startswith("[") or (first.startswith("{") and not _parses(first)):
+        text = path.read_text(encoding="utf-8-sig")
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if first.startswith("["):
+                raise DataSourceError(
+                    f"{path}: unreadable JSON at line {e.lineno} column {e.colno}: {e.msg}; "
+                    "fix the file (a JSON array must parse as a whole) or convert it to JSONL") from None
+            whole = None  # JSONL whose first line is broken
+        if isinstance(whole, list):
+            yield from enumerate(whole)
+            return
+        if isinstance(whole, dict):  # one pretty-printed object
+            yield 0, whole
+            return
+    with path.open(encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno - 1, json.loads(line)
+            except json.JSONDecodeError as e:
+                # Salvage the id from the broken text, so the report can still name the sample.
+                m = re.search(r'"id"\s*:\s*"?([^",}]*)', line)
+                yield lineno - 1, _RowError(
+                    f"unreadable json: line {lineno}, column {e.colno}: {e.msg}",
+                    f"fix line {lineno} of {path.name} (each JSONL line must be one complete JSON object)",
+                    id=m.group(1) if m else None)
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _hf_dataset(source: Any, split: str, streaming: bool):
+    import datasets
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            source = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            source = datasets.load_dataset(str(path), split=split, streaming=streaming)
+        else:
+            builder = {".json": "json", ".jsonl": "json"}.get(path.suffix.lower(), path.suffix.lower().lstrip("."))
+            source = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in source:
+            raise DataSourceError(f"the dataset has no split {split!r}; splits: {sorted(source)}")
+        source = source[split]
+    if streaming and isinstance(source, datasets.Dataset):
+        source = source.to_iterable_dataset()
+    return source
+
+
+def _hf_rows(ds) -> Iterator[tuple[int, Any]]:
+    """Rows as plain dicts. Through the arrow format, image columns stay ``{"bytes", "path"}``:
+    nothing is decoded here, workers decode later."""
+    try:
+        batches = ds.with_format("arrow").iter(batch_size=256)
+    except Exception:  # a dataset that cannot be formatted as arrow: plain rows (images as PIL)
+        yield from enumerate(ds)
+        return
+    index = 0
+    for table in batches:
+        for row in table.to_pylist():
+            yield index, row
+            index += 1
+
+
+def _describe_source(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (list, tuple)):
+        return "<list>"
+    name = getattr(getattr(source, "info", None), "dataset_name", None)
+    return f"<{type(source).__name__}{' ' + name if name else ''}>"
+
+
+def _schema_of(row: Any) -> str | None:
+    if isinstance(row, dict):
+        if "conversations" in row or "conversation" in row:
+            return "llava"
+        if "messages" in row:
+            return "messages"
+    return None
+
+
+def _detect_schema(rows: Iterator, label: str, peek: int = 100) -> tuple[str, Iterator]:
+    """The row schema from the first recognisable row (rows read to decide are put back)."""
+    seen = []
+    for item in itertools.islice(rows, peek):
+        seen.append(item)
+        schema = _schema_of(item[1])
+        if schema:
+            return schema, itertools.chain(seen, rows)
+    if not seen:  # an empty source: nothing to read, whatever its format
+        return "llava", iter(())
+    keys = next((sorted(r) for _, r in seen if isinstance(r, dict)), None)
+    raise DataSourceError(
+        f"{label}: cannot tell the row format (first row keys: {keys}); a 'llava' row has 'conversations', "
+        "a 'messages' row has 'messages'. Pass --format llava|messages if the file is one of them")
+
+
+def detect_format(source: Any) -> str:
+    """'llava' or 'messages' for JSON/JSONL files and lists (from the first row); 'hf' for datasets."""
+    container = _container(source, "auto")
+    if container == "hf":
+        return "hf"
+    rows = _json_rows(Path(source)) if container == "json" else enumerate(source)
+    return _detect_schema(iter(rows), _describe_source(source))[0]
+
+
+# --- rows -> conversations ----------------------------------------------------------------------
+def _wrong_type(what: str, value: Any, expected: str) -> _RowError:
+    return _RowError(f"wrong type: {what} is {type(value).__name__}, expected {expected}",
+                     f"make {what} {expected}")
+
+
+def _role(name: Any, where: str) -> str:
+    if not isinstance(name, str):
+        raise _wrong_type(where, name, "a string")
+    role = ROLE_NAMES.get(name.strip().lower())
+    if role is None:
+        raise _RowError(f"unknown role: {where} is {name!r}", f"use one of {sorted(ROLE_NAMES)}")
+    return role
+
+
+def _llava_turns(raw: Any, key: str) -> list[Turn]:
+    if not isinstance(raw, list):
+        raise _wrong_type(f"'{key}'", raw, "a list of turns")
+    turns = []
+    for k, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise _wrong_type(f"{key}[{k}]", t, "an object")
+        if "from" not in t and ("input" in t or "output" in t):  # xtuner: one {system, input, output} exchange
+            for field, role in (("system", "system"), ("input", "user"), ("output", "assistant")):
+                value = t.get(field)
+                if field == "system" and not value:
+                    continue
+                if not isinstance(value, str):
+                    raise _wrong_type(f"{key}[{k}].{field}", value, "a string")
+                turns.append(Turn(role, value))
+            continue
+        for field in ("from", "value"):
+            if field not in t:
+                raise _RowError(f"missing key: {key}[{k}] has no '{field}'",
+                                "every turn needs 'from' (human/gpt/system) and 'value'")
+        if not isinstance(t["value"], str):
+            raise _wrong_type(f"{key}[{k}].value", t["value"], "a string")
+        turns.append(Turn(_role(t["from"], f"{key}[{k}].from"), t["value"]))
+    return turns
+
+
+def _message_turns(raw: Any) -> tuple[list[Turn], list[Any]]:
+    """Turns, plus images given inline in ``{"type": "image", "image": ...}`` parts."""
+    if not isinstance(raw, list):
+        raise _wrong_type("'messages'", raw, "a list of messages")
+    turns, inline = [], []
+    for k, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise _wrong_type(f"messages[{k}]", m, "an object")
+        for field in ("role", "content"):
+            if field not in m:
+                raise _RowError(f"missing key: messages[{k}] has no '{field}'",
+                                "every message needs 'role' (user/assistant/system) and 'content'")
+        role, content = _role(m["role"], f"messages[{k}].role"), m["content"]
+        if isinstance(content, list):
+            pieces = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    pieces.append(IMAGE_MARKER)
+                    ref = part.get("image") or part.get("path") or part.get("url")
+                    if ref is not None:
+                        inline.append(ref)
+                elif kind == "text":
+                    pieces.append(part.get("text") or "")
+                else:
+                    raise _RowError(f"wrong type: messages[{k}].content[{j}] is not an image or text part",
+                                    "use {'type': 'image'} or {'type': 'text', 'text': ...} parts")
+            content = "\n".join(pieces)
+        elif not isinstance(content, str):
+            raise _wrong_type(f"messages[{k}].content", content, "a string or a list of parts")
+        turns.append(Turn(role, content))
+    return turns, inline
+
+
+def _image_ref(value: Any, where: str, base: str | None) -> Any:
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # datasets Image(decode=False)
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, Image.Image)):
+        return value
+    if isinstance(value, (str, Path)):
+        value = str(value)
+        if not value.strip():
+            raise _RowError(f"wrong type: {where} is an empty path", "give the image's file name or drop the key")
+        if "://" in value or os.path.isabs(value):
+            return value
+        return os.path.abspath(os.path.join(base or os.getcwd(), value))
+    raise _wrong_type(where, value, "an image path")
+
+
+def _empty_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and not value
+
+
+def _images(row: dict, base: str | None) -> list[Any]:
+    given = {k: row[k] for k in ("image", "images") if row.get(k) is not None and not _empty_list(row[k])}
+    if len(given) == 2:
+        raise _RowError("wrong type: the row has both 'image' and 'images'", "keep one of them")
+    if not given:
+        return []
+    key, value = given.popitem()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [_image_ref(v, f"'{key}'" if len(values) == 1 else f"'{key}'[{i}]", base) for i, v in enumerate(values)]
+
+
+def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_folder: str | None = None,
+              warn_unknown_keys: bool = True) -> tuple[Conversation | None, list[Problem]]:
+    """One raw row -> (conversation or None, problems). Never raises on bad data."""
+    if schema not in ROW_SCHEMAS:
+        raise ValueError(f"unknown row schema {schema!r}; valid: {list(ROW_SCHEMAS)}")
+    raw_id = row.get("id") if isinstance(row, dict) else getattr(row, "id", None)
+    sid = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else None
+    problems: list[Problem] = []
+
+    def problem(severity: str, reason: str, hint: str) -> None:
+        problems.append(Problem(index, sid, severity, reason, hint, source))
+
+    try:
+        if isinstance(row, _RowError):
+            raise row
+        if not isinstance(row, dict):
+            raise _wrong_type("the row", row, "a JSON object")
+        if raw_id is not None and sid is None:
+            raise _wrong_type("'id'", raw_id, "a string or an integer")
+        if schema == "llava":
+            key = "conversations" if "conversations" in row else "conversation" if "conversation" in row else None
+            if key is None:
+                raise _RowError(f"missing key: no 'conversations' list (keys: {sorted(row)})",
+                                "a llava row needs 'conversations': [{'from': 'human'|'gpt', 'value': ...}]")
+            turns, inline = _llava_turns(row[key], key), []
+        else:
+            if "messages" not in row:
+                raise _RowError(f"missing key: no 'messages' list (keys: {sorted(row)})",
+                                "a messages row needs 'messages': [{'role': 'user'|'assistant', 'content': ...}]")
+            turns, inline = _message_turns(row["messages"])
+        images = _images(row, image_folder)
+        if inline and images:
+            raise _RowError("wrong type: images given both inline in content parts and in 'images'", "keep one of them")
+        images = images or [_image_ref(v, "an inline image part", image_folder) for v in inline]
+    except _RowError as e:
+        sid = sid if sid is not None else e.id
+        problem("error", e.reason, e.hint)
+        return None, problems
+
+    if warn_unknown_keys:
+        for key in sorted(set(row) - KNOWN_KEYS[schema]):
+            problem("warning", f"unknown key: {key!r} is not a {schema} field and is ignored",
+                    f"remove it, or check its spelling against {sorted(KNOWN_KEYS[schema])}")
+    conv = Conversation(turns, images, id=sid, index=index, source=source, meta={"format": schema})
+    if len(images) == 1 and conv.num_markers() == 0:
+        first_user = next((t for t in turns if t.role == "user"), None)
+        if first_user is not None:
+            # LLaVA's behaviour for single-image rows: the image goes before the first question.
+            first_user.content = f"{IMAGE_MARKER}\n{first_user.content}"
+            conv.meta["marker_inserted"] = True
+            problem("warning", "marker inserted: the row has one image but no <image> marker; "
+                    "one was put at the start of the first user turn",
+                    "write <image> where the image belongs to silence this")
+    return conv, problems
+
+
+# --- public entry points ------------------------------------------------------------------------
+def iter_conversations(source: Any, format: str = "auto", image_folder: str | os.PathLike | None = None, *,
+                       on_error: str = "raise", problems: list[Problem] | None = None, split: str = "train",
+                       streaming: bool = False) -> Iterator[Conversation]:
+    """Stream conversations from `source` (file, folder, list of rows or a datasets object).
+
+    ``on_error="raise"`` raises `SampleError` at the first sample that cannot be read;
+    ``"collect"`` skips it. Problems found (warnings always, errors with "collect") are appended
+    to `problems` when given, else logged. `DataSourceError` when the source itself is unreadable.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; valid: {list(FORMATS)}")
+    if on_error not in ("raise", "collect"):
+        raise ValueError(f"on_error must be 'raise' or 'collect', not {on_error!r}")
+    container = _container(source, format)
+    label = _describe_source(source)
+    if container == "json":
+        rows: Iterator = iter(_json_rows(Path(source)))
+        base = os.path.abspath(image_folder or Path(source).parent)
+    elif container == "list":
+        rows, base = iter(enumerate(source)), os.path.abspath(image_folder or os.getcwd())
+    else:
+        rows = _hf_rows(_hf_dataset(source, split, streaming))
+        local = isinstance(source, (str, Path)) and Path(source).is_dir()
+        base = os.path.abspath(image_folder or (source if local else os.getcwd()))
+    schema = format if format in ROW_SCHEMAS else None
+    if schema is None:
+        schema, rows = _detect_schema(rows, label)
+    for index, row in rows:
+        conv, found = parse_row(row, schema, index=index, source=label, image_folder=base,
+                                warn_unknown_keys=container != "hf")  # hf columns are a schema, not typos
+        for p in found:
+            if p.severity == "error" and on_error == "raise":
+                raise SampleError(p)
+            if problems is not None:
+                problems.append(p)
+            else:
+                log.warning("%s", p)
+        if conv is not None:
+            yield conv
+
+
+def load_conversations(source: Any, format: str = "auto", image_folder: str | os.PathLike | None = None, *,
+                       on_error: str = "raise", split: str = "train",
+                       streaming: bool = False) -> tuple[list[Conversation], list[Problem]]:
+    """Read every row: (conversations, problems). See `iter_conversations` for the arguments."""
+    problems: list[Problem] = []
+    convs = list(iter_conversations(source, format, image_folder, on_error=on_error, problems=problems,
+                                    split=split, streaming=streaming))
+    return convs, problems
+
+
+def _write_ref(ref: Any, base: Path, stem: str, conv: Conversation, k: int) -> str:
+    """A path string for `ref`, relative to `base`; embedded images are saved under it first."""
+    if isinstance(ref, dict):  # a datasets {"bytes", "path"} value
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, str):
+        if "://" in ref:
+            return ref
+        rel = os.path.relpath(ref, base)
+        return ref if rel.startswith("..") else rel
+    folder = base / f"{stem}_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{conv.index:07d}_{k}"
+    if isinstance(ref, bytes):
+        with Image.open(io.BytesIO(ref)) as im:  # keep the encoded bytes; only sniff the extension
+            ext = (im.format or "bin").lower()
+        (folder / f"{name}.{ext}").write_bytes(ref)
+        return f"{folder.name}/{name}.{ext}"
+    if isinstance(ref, Image.Image):
+        ref.save(folder / f"{name}.png")
+        return f"{folder.name}/{name}.png"
+    raise TypeError(f"{conv.label}: cannot write image reference of type {type(ref).__name__}")
+
+
+_LLAVA_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def write_conversations(conversations: Iterable[Conversation], out_path: str | os.PathLike, to: str = "llava",
+                        image_folder: str | os.PathLike | None = None) -> int:
+    """Write conversations as a llava or messages ``.json`` array / ``.jsonl`` file; returns the count.
+
+    Image paths are written relative to `image_folder` (default: the output file's folder), i.e.
+    what to pass as ``--image-folder`` when reading the output. Images held as bytes or PIL (from
+    a datasets source) are saved as files under it.
+    """
+    if to not in ROW_SCHEMAS:
+        raise ValueError(f"unknown output format {to!r}; valid: {list(ROW_SCHEMAS)}")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = Path(os.path.abspath(image_folder or out.parent))
+    rows = []
+    for conv in conversations:
+        images = [_write_ref(ref, base, out.stem, conv, k) for k, ref in enumerate(conv.images)]
+        row: dict[str, Any] = {} if conv.id is None else {"id": conv.id}
+        if to == "llava":
+            if len(images) == 1:
+                row["image"] = images[0]
+            elif images:
+                row["images"] = images
+            row["conversations"] = [{"from": _LLAVA_ROLES[t.role], "value": t.content} for t in conv.turns]
+        else:
+            row["messages"] = [{"role": t.role, "content": t.content} for t in conv.turns]
+            if images:
+                row["images"] = images
+        rows.append(row)
+    with out.open("w", encoding="utf-8") as f:
+        if out.suffix.lower() == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            json.dump(rows, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+    return len(rows)
