@@ -245,7 +245,8 @@ def test_sigkill_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_
         assert a["lr"] == pytest.approx(b["lr"])
     final_a = load_file(str(run / "model" / "model.safetensors"))
     final_b = load_file(str(ref / "model" / "model.safetensors"))
-    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_b)
+    worst = max((final_a[k] - final_b[k]).abs().max().item() for k in final_b)
+    assert worst < 1e-5, worst
     # at most keep_last (2) complete checkpoints remain, and no partial one
     assert len(list(run.glob("checkpoint-*"))) <= 2 and not list(run.glob("*.tmp"))
 
