@@ -1,0 +1,316 @@
+"""Batched, resumable evaluation over VQA-style JSONL: read -> prompt -> generate -> score -> write.
+
+One JSON object per line::
+
+    {"id": "q1", "question": "What colour is the bus?", "image": "val/1.jpg", "answers": ["red", "red", ...]}
+    {"id": "q2", "question": "Which is bigger?", "images": ["a.jpg", "b.jpg"], "answer": "left"}
+    {"id": "q3", "question": "Which animal can fly?", "image": "3.jpg", "choices": ["cat", "bird"], "answer": "B"}
+
+``id`` (or ``question_id``) defaults to the line's index; ``answers`` may also be VQAv2-style
+``[{"answer": ...}, ...]``. Without ``<image>`` in the question, one ``<image>`` line per image goes
+before it (LLaVA's layout); with markers, their number must equal the number of images. Choices
+are listed under the question as ``A. ...`` lines unless the question already contains them.
+
+The output folder holds ``run.json`` (what produced it), ``predictions.jsonl`` (one line per
+sample, appended after every batch, so an interrupted run resumes where it stopped) and
+``metrics.json``. Generation is greedy, and batches are left-padded, so the predictions do not
+depend on ``--batch-size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from llavakit.data.conversation import IMAGE_MARKER, Turn
+from llavakit.eval.metrics import Metric, get_metric, option_letters
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+# run.json fields that must match for a resumed run to continue the same predictions.
+RESUME_KEYS = ("model", "data", "data_sha256", "template", "prompt_suffix", "max_new_tokens")
+
+
+class EvalDataError(ValueError):
+    """Rows of an evaluation file that cannot be evaluated; the message lists each one."""
+
+
+@dataclass
+class EvalSample:
+    index: int  # 0-based position among the file's rows
+    line: int  # 1-based line number in the file
+    id: str
+    question: str
+    images: list[str]
+    answers: list
+    choices: list[str] | None = None
+
+    def label(self, source: str) -> str:
+        return f"{source} line {self.line} (sample #{self.index}, id={self.id!r})"
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def _answers_of(row: dict) -> tuple[list | None, str | None]:
+    if "answers" in row:
+        raw = row["answers"]
+        if not isinstance(raw, list):
+            return None, "`answers` must be a list (of strings, or of {'answer': ...} objects)"
+        out = []
+        for a in raw:
+            if isinstance(a, dict):
+                if "answer" not in a:
+                    return None, "an entry of `answers` is an object without an 'answer' key"
+                a = a["answer"]
+            if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+                return None, f"`answers` holds {type(a).__name__} values; use strings"
+            out.append(a if isinstance(a, int) and "choices" in row else str(a))
+        return out, None
+    if "answer" in row:
+        a = row["answer"]
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            return None, f"`answer` is a {type(a).__name__}; use a string (or a choice index)"
+        return [a if isinstance(a, int) and "choices" in row else str(a)], None
+    return [], None
+
+
+def _images_of(row: dict, base: Path) -> tuple[list[str] | None, str | None]:
+    if "image" in row and "images" in row:
+        return None, "has both `image` and `images`; keep one"
+    raw = row.get("images", row.get("image"))
+    if raw is None:
+        return [], None
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        return None, "`image` must be a path string and `images` a list of path strings"
+    return [str(p if Path(p).is_absolute() else base / p) for p in raw], None
+
+
+def read_samples(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                 metric: Metric | None = None, check_images: bool = True) -> list[EvalSample]:
+    """Parse and check every row; raise `EvalDataError` listing all bad rows (up to 20 shown).
+
+    Relative image paths are resolved against ``image_folder`` (default: the data file's folder).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: no such file; --data must point at a JSONL file")
+    base = Path(image_folder) if image_folder is not None else path.parent
+    samples: list[EvalSample] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    index = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            i, index = index, index + 1
+            where = f"{path} line {line_no} (sample #{i}"
+
+            def bad(what: str, fix: str, ident=None) -> None:
+                ident_s = f", id={ident!r}" if ident is not None else ""
+                problems.append(f"{where}{ident_s}): {what} -> {fix}")
+
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                bad(f"not valid JSON ({e.msg} at column {e.colno})", "write one JSON object per line")
+                continue
+            if not isinstance(row, dict):
+                bad(f"is a JSON {type(row).__name__}, not an object", "write one JSON object per line")
+                continue
+            ident = row.get("id", row.get("question_id", i))
+            ident = str(ident)
+            if ident in seen:
+                bad(f"repeats the id of sample #{seen[ident]}", "give every sample a unique `id`", ident)
+                continue
+            seen[ident] = i
+            question = row.get("question")
+            if not isinstance(question, str) or not question.strip():
+                bad("has no `question` string", "add the question text as `question`", ident)
+                continue
+            images, err = _images_of(row, base)
+            if err:
+                bad(err, "fix the image field", ident)
+                continue
+            answers, err = _answers_of(row)
+            if err:
+                bad(err, "fix the answer field", ident)
+                continue
+            choices = row.get("choices")
+            if choices is not None and (not isinstance(choices, list) or not choices
+                                        or not all(isinstance(c, (str, int, float)) for c in choices)):
+                bad("`choices` must be a non-empty list of strings", "fix or drop `choices`", ident)
+                continue
+            choices = [str(c) for c in choices] if choices is not None else None
+            markers = question.count(IMAGE_MARKER)
+            if markers and markers != len(images):
+                bad(f"the question has {markers} {IMAGE_MARKER} marker(s) but the row gives {len(images)} image(s)",
+                    f"use one {IMAGE_MARKER} per image, or none (images then go before the question)", ident)
+                continue
+            if metric is not None:
+                err = metric.check(answers, choices)
+                if err:
+                    bad(err, f"fix the row or choose another --metric (now {metric.name!r})", ident)
+                    continue
+            if check_images:
+                missing = [p for p in images if not Path(p).is_file()]
+                if missing:
+                    bad(f"image not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""),
+                        "check the path and --image-folder (relative paths are resolved against it, "
+                        f"now {base})", ident)
+                    continue
+            samples.append(EvalSample(i, line_no, ident, question, images, answers, choices))
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise EvalDataError(f"{len(problems)} bad row(s) in {path}:\n  {shown}{more}")
+    if not samples:
+        raise EvalDataError(f"{path} has no samples (empty file?)")
+    return samples
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+def sample_turns(sample: EvalSample, suffix: str) -> list[Turn]:
+    """The one user turn asked for a sample (images first unless the question places them)."""
+    text = sample.question
+    if sample.choices:
+        letters = option_letters(len(sample.choices))
+        if not all(f"{letter}." in text for letter in letters):  # not already listed in the question
+            text += "\n" + "\n".join(f"{letter}. {c}" for letter, c in zip(letters, sample.choices))
+    text += suffix
+    if IMAGE_MARKER not in text:
+        text = (IMAGE_MARKER + "\n") * len(sample.images) + text
+    return [Turn("user", text)]
+
+
+# --- the output folder ----------------------------------------------------------------------------
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_predictions(path: Path) -> list[dict]:
+    """Records already written. A last line cut short by an interruption is removed from the file."""
+    if not path.exists():
+        return []
+    records: list[dict] = []
+    good_end = 0
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    for k, raw in enumerate(lines):
+        try:
+            if not raw.endswith(b"\n"):
+                raise ValueError("no newline")
+            records.append(json.loads(raw))
+            good_end += len(raw)
+        except ValueError:
+            if k != len(lines) - 1:
+                raise EvalDataError(f"{path} line {k + 1} is not a complete JSON record; the file is damaged. "
+                                    "Delete the line (its sample is then evaluated again) or use --overwrite.")
+            log.warning("%s: dropping an incomplete last line (interrupted write); its sample runs again", path)
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+    return records
+
+
+def prepare_output(out_dir: Path, run_info: dict, overwrite: bool = False) -> list[dict]:
+    """Create/check the output folder; returns the prediction records to resume from."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_path, pred_path = out_dir / RUN_FILE, out_dir / PREDICTIONS
+    if overwrite:
+        for name in (PREDICTIONS, METRICS_FILE, RUN_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    done: list[dict] = []
+    if pred_path.exists():
+        old = json.loads(run_path.read_text()) if run_path.exists() else {}
+        diffs = [f"{k}: {old.get(k)!r} then, {run_info.get(k)!r} now" for k in RESUME_KEYS
+                 if old.get(k) != run_info.get(k)]
+        if diffs:
+            raise EvalDataError(f"{out_dir} holds predictions made with other settings ({'; '.join(diffs)}); "
+                                "use --overwrite to start over, or another --out")
+        done = load_predictions(pred_path)
+    run_path.write_text(json.dumps(run_info, indent=2) + "\n")
+    return done
+
+
+def score_records(records: list[dict], metric: Metric) -> dict:
+    """Re-score every stored prediction with ``metric`` and summarise."""
+    scored = [metric.score(r["prediction"], r["answers"], r.get("choices")) for r in records]
+    return metric.summarize(scored)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLike, metric: Metric | str,
+             batch_size: int = 8, settings=None, prompt_suffix: str | None = None, run_info: dict | None = None,
+             overwrite: bool = False, max_pixels: int | None = None, progress: bool = True,
+             source: str = "<data>") -> dict:
+    """Generate for every sample not yet in ``out_dir``, append, then score all; returns the metrics."""
+    from tqdm.auto import tqdm
+
+    from llavakit.data.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+    from llavakit.infer.generate import GenerationSettings
+
+    metric = get_metric(metric) if isinstance(metric, str) else metric
+    settings = settings or GenerationSettings(max_new_tokens=32)
+    if settings.temperature != 0:
+        raise ValueError("evaluation decodes greedily; use temperature 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    suffix = metric.prompt_suffix if prompt_suffix is None else prompt_suffix
+    out_dir = Path(out_dir)
+    info = dict(run_info or {})
+    info.update(template=generator.template.name, prompt_suffix=suffix, max_new_tokens=settings.max_new_tokens,
+                metric=metric.name)
+    done = prepare_output(out_dir, info, overwrite)
+    done_ids = {r["id"] for r in done}
+    todo = [s for s in samples if s.id not in done_ids]
+    if done:
+        log.info("resuming: %d of %d samples already in %s", len(samples) - len(todo), len(samples), out_dir)
+
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="eval", unit="sample",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with open(out_dir / PREDICTIONS, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            conversations, images = [], []
+            for s in batch:
+                try:
+                    images.append([open_image(p, max_pixels=max_pixels or DEFAULT_MAX_PIXELS) for p in s.images])
+                except ImageError as e:
+                    raise EvalDataError(f"{s.label(source)}: {e} -> {e.hint}") from e
+                conversations.append(sample_turns(s, suffix))
+            replies = generator.generate(conversations, images, settings)
+            for s, reply in zip(batch, replies):
+                record = {"id": s.id, "index": s.index, "question": s.question, "prediction": reply,
+                          "answers": s.answers, "choices": s.choices}
+                record.update(metric.score(reply, s.answers, s.choices))
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # a batch is either fully on disk or redone after a crash
+            bar.update(len(batch))
+    bar.close()
+
+    wanted = {s.id for s in samples}
+    records = [r for r in load_predictions(out_dir / PREDICTIONS) if r["id"] in wanted]
+    metrics = score_records(records, metric)
+    metrics.update(metric=metric.name, samples=len(records))
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+

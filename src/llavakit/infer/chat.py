@@ -1,0 +1,143 @@
+"""`llavakit chat`: multi-turn terminal chat with images, replies streamed as they are generated.
+
+    llavakit chat --model runs/my-model --image cat.jpg
+    you> What is the cat doing?
+    assistant> It is sleeping on a sofa.
+    you> /image dog.jpg          (attach another image to the next question)
+    you> /reset                  (forget the conversation and its images)
+    you> /quit                   (or Ctrl-D)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+HELP = """commands:
+  /image PATH   attach an image to your next message (several allowed)
+  /reset        start a new conversation (drops history and images)
+  /help         show this help
+  /quit         leave (Ctrl-D works too)"""
+
+# C0/C1 control characters other than tab and newline: a model's output must not be able to move
+# the cursor, clear the screen or change the terminal title.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="a saved llavakit model directory (or hub id)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="image for the first message; repeat for several")
+    parser.add_argument("--template", default=None,
+                        help="conversation template (default: the one the model was trained with)")
+    parser.add_argument("--system", default=None, help="system prompt replacing the template's default")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="refuse images with more pixels than this (default: llavakit's image limit)")
+    add_model_arguments(parser)
+
+
+def add_model_arguments(parser) -> None:
+    """Where and how to load the model (shared with `llavakit web`)."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights dtype (default: as saved)")
+
+
+def load_generator(args):
+    """The `Generator` for ``--model/--device/--dtype/--template``."""
+    from llavakit.infer.generate import load_generator as load
+
+    return load(args.model, device=args.device, dtype=args.dtype, template=args.template)
+
+
+def clean(text: str) -> str:
+    return _CONTROL.sub("", text)
+
+
+def _open(path: str, max_pixels):
+    from llavakit.data.images import DEFAULT_MAX_PIXELS, open_image
+
+    return open_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+
+
+def run(args) -> int:
+    from llavakit.data.images import ImageError
+    from llavakit.infer.generate import ChatSession, GenerationSettings
+
+    out = sys.stdout
+    try:
+        settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    except ValueError as e:
+        print(f"llavakit chat: {e}", file=sys.stderr)
+        return 2
+    first_images = []
+    for path in args.image:
+        try:
+            first_images.append((path, _open(path, args.max_pixels)))
+        except ImageError as e:
+            print(f"llavakit chat: --image {path}: {e} -> {e.hint}", file=sys.stderr)
+            return 2
+    print(f"loading {args.model} ...", file=out, flush=True)
+    generator = load_generator(args)
+    session = ChatSession(generator, settings, system=args.system)
+    for path, image in first_images:
+        session.add_image(image)
+    print(f"template: {generator.template.name}. Type a message; /help lists commands.", file=out)
+    if first_images:
+        print(f"[{len(first_images)} image(s) attached to your first message]", file=out)
+    out.flush()
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=out)
+            return 0
+        except KeyboardInterrupt:
+            print(file=out)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, rest = text.partition(" ")
+            rest = rest.strip()
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print(HELP, file=out)
+            elif cmd == "/reset":
+                session.reset()
+                print("[conversation reset]", file=out)
+            elif cmd == "/image":
+                if not rest:
+                    print("usage: /image PATH", file=out)
+                    continue
+                try:
+                    n = session.add_image(_open(rest, args.max_pixels))
+                except ImageError as e:
+                    print(f"[cannot use {rest}: {e} -> {e.hint}]", file=out)
+                else:
+                    print(f"[image attached: {rest}; {n} waiting for your next message]", file=out)
+            else:
+                print(f"unknown command {cmd}\n{HELP}", file=out)
+            out.flush()
+            continue
+        out.write("assistant> ")
+        out.flush()
+        try:
+            for piece in session.ask(text):
+                out.write(clean(piece))
+                out.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the session (the reply is not kept)
+            out.write(" [interrupted]")
+        out.write("\n")
+        out.flush()

@@ -1,0 +1,188 @@
+"""`llavakit web`: a Gradio chat page — upload images, ask, watch the reply stream in.
+
+    pip install 'llavakit[web]'
+    llavakit web --model runs/my-model            # http://127.0.0.1:7860, this machine only
+
+The page binds to 127.0.0.1 unless ``--host`` says otherwise (``--host 0.0.0.0`` exposes it to the
+network, without authentication). Uploads are limited in size (``--max-file-size``, enforced by the
+server), in pixels (``--max-pixels``, checked from the image header before decoding) and in number
+per conversation (``--max-images``). Requests are served one at a time (one model in memory).
+
+Each browser tab keeps its own conversation in a `gr.State` of plain data (turn texts and image
+paths); a `ChatSession` is rebuilt from it for every reply, so no model object is ever copied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+from llavakit.data.conversation import Turn
+
+INSTALL_HINT = "llavakit web needs Gradio: pip install 'llavakit[web]'"
+TITLE = "llavakit chat"
+LOOPBACK = "127.0.0.1"
+
+
+def add_arguments(parser) -> None:
+    from llavakit.infer.chat import add_model_arguments
+
+    parser.add_argument("--model", required=True, help="a saved llavakit model directory (or hub id)")
+    parser.add_argument("--host", default=LOOPBACK,
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--template", default=None,
+                        help="conversation template (default: the one the model was trained with)")
+    parser.add_argument("--system", default=None, help="system prompt replacing the template's default")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-file-size", default="10mb", help="largest accepted upload (e.g. 10mb, 500kb)")
+    parser.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, in pixels")
+    parser.add_argument("--max-images", type=int, default=8, help="images per conversation")
+    add_model_arguments(parser)
+
+
+def import_gradio():
+    """Gradio, imported only when the page is built, with telemetry off (nothing leaves the machine)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return gr
+
+
+def _new_state() -> dict:
+    # turns: [[role, text], ...] finished turns; images: their paths; pending: paths for the next question
+    return {"turns": [], "images": [], "pending": []}
+
+
+def build_app(generator, settings, *, system: str | None = None, max_pixels: int = 25_000_000,
+              max_images: int = 8):
+    """The page as a `gr.Blocks` (not launched)."""
+    gr = import_gradio()
+    from llavakit.data.images import ImageError, open_image
+    from llavakit.infer.generate import ChatSession
+
+    def image_problem(paths: list[str], state: dict) -> str | None:
+        if len(state["images"]) + len(state["pending"]) + len(paths) > max_images:
+            return f"At most {max_images} images per conversation; press Clear to start a new one."
+        for p in paths:
+            name = os.path.basename(p)
+            try:
+                open_image(p, max_pixels=max_pixels)
+            except ImageError as e:
+                return f"{name}: {e.kind} ({e.detail.replace(p, name)}). To do: {e.hint}."
+        return None
+
+    def on_submit(message, history, state):
+        """Show the user's images and text; remember them for `on_reply`."""
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = list(message.get("files") or [])
+        state = dict(state or _new_state())
+        state["question"] = None
+        if not text and not files:
+            return gr.MultimodalTextbox(value=None), history, state
+        problem = image_problem(files, state)
+        if problem:  # keep the typed text, drop the files, say why
+            gr.Warning(problem, duration=15)
+            return gr.MultimodalTextbox(value={"text": text, "files": []}), history, state
+        history = list(history or [])
+        history += [{"role": "user", "content": {"path": p}} for p in files]
+        state["pending"] = state["pending"] + files
+        if text:
+            history.append({"role": "user", "content": text})
+        state["question"] = text
+        return gr.MultimodalTextbox(value=None, interactive=False), history, state
+
+    def on_reply(history, state):
+        """Stream the reply into the last chat bubble (the state follows, so a stop keeps it in step)."""
+        question = state.get("question")
+        if not question:  # images only: they wait for the next question
+            yield history, state
+            return
+        session = ChatSession(generator, settings, system=system,
+                              turns=[Turn(r, t) for r, t in state["turns"]],
+                              images=[open_image(p, max_pixels=max_pixels) for p in state["images"]],
+                              pending=[open_image(p, max_pixels=max_pixels) for p in state["pending"]])
+        user = session.user_turn(question)
+        base = session.turns + [user]
+        turns = ([Turn("system", system)] if system else []) + base
+        images = session.images + session.pending
+        history = list(history) + [{"role": "assistant", "content": ""}]
+        done_images = state["images"] + state["pending"]
+        reply = ""
+
+        def snapshot() -> dict:
+            return {"turns": [[t.role, t.content] for t in base] + [["assistant", reply.strip()]],
+                    "images": done_images, "pending": [], "question": None}
+
+        yield history, snapshot()
+        for piece in generator.stream(turns, images, settings):
+            reply += piece
+            history[-1] = {"role": "assistant", "content": reply}
+            yield history, snapshot()
+
+    def on_clear():
+        return [], _new_state(), gr.MultimodalTextbox(value=None, interactive=True)
+
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"## {TITLE}\nAttach one or more images with the paperclip, ask a question, press Enter. "
+                    f"Template: `{generator.template.name}`.")
+        chatbot = gr.Chatbot(elem_id="chat", height=480, label="conversation")
+        box = gr.MultimodalTextbox(elem_id="ask", file_types=["image"], file_count="multiple",
+                                   placeholder="Ask about the images…", show_label=False, sources=["upload"])
+        with gr.Row():
+            stop = gr.Button("Stop", elem_id="stop", variant="secondary")
+            clear = gr.Button("Clear", elem_id="clear")
+        state = gr.State(_new_state())
+
+        # Queued (so warnings reach the page) but outside the one-at-a-time limit of replies.
+        sent = box.submit(on_submit, [box, chatbot, state], [box, chatbot, state], concurrency_limit=None)
+        replying = sent.then(on_reply, [chatbot, state], [chatbot, state])
+        replying.then(lambda: gr.MultimodalTextbox(interactive=True), None, [box])
+        stop.click(lambda: gr.MultimodalTextbox(interactive=True), None, [box], cancels=[replying], queue=False)
+        clear.click(on_clear, None, [chatbot, state, box], cancels=[replying], queue=False)
+        chatbot.clear(on_clear, None, [chatbot, state, box], cancels=[replying], queue=False)  # its bin icon
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args) -> int:
+    try:
+        gr = import_gradio()
+    except ImportError as e:
+        print(f"llavakit web: {e}", file=sys.stderr)
+        return 2
+    from llavakit.infer.chat import load_generator
+    from llavakit.infer.generate import GenerationSettings
+
+    try:
+        settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    except ValueError as e:
+        print(f"llavakit web: {e}", file=sys.stderr)
+        return 2
+    print(f"loading {args.model} ...", flush=True)
+    generator = load_generator(args)
+    app = build_app(generator, settings, system=args.system, max_pixels=args.max_pixels,
+                    max_images=args.max_images)
+    if not _is_loopback(args.host):
+        print(f"warning: binding {args.host}: anyone who can reach this machine can use the page "
+              "(there is no authentication)", file=sys.stderr)
+    # One request at a time: a single model serves everyone.
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size,
+               share=False, ssr_mode=False, show_error=True, inbrowser=False,
+               theme=gr.themes.Default(), footer_links=[])
+    return 0
