@@ -1,0 +1,187 @@
+"""The offline demo, end to end: world -> stage 0 backbones -> stage 1 -> stage 2 -> scores.
+
+Everything a user would do with real data happens here with synthetic data, through the same
+entry points: the world is written as LLaVA JSON + PNGs and checked like `llavakit data check`
+does; the "downloaded" backbones are trained here and saved as ordinary HF folders; stage 1 and
+stage 2 run `llavakit train` on the recipes in `configs/demo/`; the final model is scored on the
+held-out split with its images and blind (each image replaced by a blank one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+
+@dataclass
+class Scale:
+    """Sizes of one demo run. `full` is the README's demo; `small` is the fast test's."""
+
+    n_train: int
+    n_test: int
+    lm: dict = field(default_factory=dict)  # pretrain_lm kwargs
+    clip: dict = field(default_factory=dict)  # pretrain_clip kwargs
+    stage1: list[str] = field(default_factory=list)  # `llavakit train` overrides
+    stage2: list[str] = field(default_factory=list)
+
+
+SCALES = {
+    "full": Scale(n_train=2000, n_test=60),
+    "small": Scale(n_train=240, n_test=12, lm={"steps": 60}, clip={"steps": 60},
+                   stage1=["--train.max_steps=30"], stage2=["--train.max_steps=120"]),
+}
+
+
+def configs_dir() -> Path:
+    """`configs/demo/` of this checkout (or $LLAVAKIT_CONFIGS/demo)."""
+    env = os.environ.get("LLAVAKIT_CONFIGS")
+    candidates = [Path(env) / "demo"] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / "configs" / "demo")
+    for c in candidates:
+        if (c / "stage1.yaml").is_file() and (c / "stage2.yaml").is_file():
+            return c
+    raise FileNotFoundError(
+        "the demo recipes configs/demo/stage1.yaml and stage2.yaml were not found; run from a llavakit "
+        "checkout or set LLAVAKIT_CONFIGS to its configs/ folder"
+    )
+
+
+def _check_data(paths, say) -> None:
+    """What `llavakit data check` does, on both training files; the demo stops on any error."""
+    from llavakit.data.formats import load_conversations
+    from llavakit.data.validate import validate
+
+    for f in (paths.stage1, paths.stage2):
+        convs, problems = load_conversations(f, image_folder=paths.image_folder, on_error="collect")
+        problems = validate((convs, problems), check_images=True)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise RuntimeError(f"the generated {f} failed validation: {errors[0]}")
+        say(f"  data check {f.name}: {len(convs)} samples, 0 errors, {len(problems)} warnings")
+
+
+def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print) -> dict:
+    """Run the whole demo into `out_dir`; returns the metrics written to `out_dir/metrics.json`."""
+    import torch
+
+    import llavakit
+    import llavakit.cli
+    from llavakit.data.conversation import Turn
+    from llavakit.data.templates import get_template
+
+    from .backbones import pretrain_clip, pretrain_lm
+    from .score import format_table, score
+    from .world import caption_pairs, read_test, text_corpus, write_world
+
+    t0 = time.perf_counter()
+    spec = SCALES[scale]
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new --out folder (nothing is overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    timings = {}
+
+    def phase(name, t):
+        timings[name] = round(time.perf_counter() - t, 1)
+        say(f"[{name}] {timings[name]:.1f}s")
+
+    say(f"== 1/5 synthetic world (seed {seed}) -> {out / 'data'}")
+    t = time.perf_counter()
+    paths = write_world(out / "data", seed=seed, n_train=spec.n_train, n_test=spec.n_test)
+    _check_data(paths, say)
+    phase("world", t)
+
+    say("== 2/5 stage 0: the backbones a user would download (tiny Llama LM, tiny CLIP)")
+    t = time.perf_counter()
+    llm = pretrain_lm(text_corpus(paths.stage1, paths.stage2), out / "backbones" / "llm", seed=seed,
+                      log=say, **spec.lm).path
+    vision = pretrain_clip(caption_pairs(paths.stage1, paths.image_folder), out / "backbones" / "clip", seed=seed,
+                           log=say, **spec.clip).path
+    phase("stage0", t)
+
+    recipes = configs_dir()
+    common = [f"--data.image_folder={paths.image_folder}", f"--train.seed={seed}"]
+    say("== 3/5 stage 1: projector pretraining on captions (llavakit train configs/demo/stage1.yaml)")
+    t = time.perf_counter()
+    s1 = out / "stage1"
+    argv = ["train", str(recipes / "stage1.yaml"), f"--model.vision={vision}", f"--model.llm={llm}",
+            f"--data.train={paths.stage1}", f"--train.output_dir={s1}", *common, *spec.stage1]
+    if llavakit.cli.main(argv) != 0:
+        raise RuntimeError("stage 1 failed (see above)")
+    phase("stage1", t)
+
+    say("== 4/5 stage 2: visual instruction tuning (llavakit train configs/demo/stage2.yaml)")
+    t = time.perf_counter()
+    s2 = out / "stage2"
+    argv = ["train", str(recipes / "stage2.yaml"), f"--model.init_from={s1}", f"--data.train={paths.stage2}",
+            f"--train.output_dir={s2}", *common, *spec.stage2]
+    if llavakit.cli.main(argv) != 0:
+        raise RuntimeError("stage 2 failed (see above)")
+    phase("stage2", t)
+
+    say("== 5/5 held-out scores, with the image and blind")
+    t = time.perf_counter()
+    model_dir = out / "model"
+    shutil.copytree(s2 / "model", model_dir)
+    model, processor = llavakit.load(model_dir)
+    template = get_template(processor.template, processor.tokenizer)
+    rows = read_test(paths.test)
+
+    def render(question: str) -> str:
+        return template.render_prompt([Turn("user", question)])
+
+    metrics, samples = score(model, processor, rows, paths.image_folder, render)
+    phase("score", t)
+    metrics = {"seconds": round(time.perf_counter() - t0, 1), "types": metrics["types"], "phases": timings,
+               "seed": seed, "scale": scale}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "predictions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    for stage in ("stage1", "stage2"):
+        if (out / stage / "loss.png").is_file():
+            shutil.copy(out / stage / "loss.png", out / f"loss_{stage}.png")
+    example = _sample_conversation(model, processor, template, rows, paths.image_folder)
+    (out / "sample_conversation.txt").write_text(example)
+    say("")
+    say(format_table(metrics["types"]))
+    say("")
+    say(example)
+    say(f"total {metrics['seconds']:.0f}s. Wrote {out / 'metrics.json'}, loss curves, {out / 'predictions.jsonl'}, "
+        f"and the model: llavakit.load('{model_dir}')")
+    return metrics
+
+
+def _sample_conversation(model, processor, template, rows, image_folder) -> str:
+    """A two-turn exchange about one held-out image, as text."""
+    import torch
+    from PIL import Image
+
+    from llavakit.data.conversation import Turn
+
+    row = next((r for r in rows if "image" in r), rows[0])
+    names = row.get("images") or [row["image"]]
+    images = [Image.open(Path(image_folder) / n).convert("RGB") for n in names]
+    marker = "<image>\n" * len(images)
+    questions = ["What colour is the shape?", "How many shapes are there?"]
+    turns, lines = [], [f"[image: {', '.join(names)}]"]
+    for i, q in enumerate(questions):
+        turns.append(Turn("user", (marker if i == 0 else "") + q))
+        prompt = template.render_prompt(turns)
+        inputs = processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answer = processor.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        turns.append(Turn("assistant", answer))
+        lines += [f"USER: {q}", f"ASSISTANT: {answer}"]
+    return "\n".join(lines)
+
+
+def load_metrics(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "metrics.json").read_text())
+
+
