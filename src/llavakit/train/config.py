@@ -50,6 +50,9 @@ class DataConfig:
     check_images: bool = True  # open every image during validation
     num_workers: int = 0
     max_pixels: int | None = None
+    # Folder of a frozen-vision feature cache (train/feature_cache.py): the vision tower runs once per
+    # image and later epochs/runs read its outputs from disk. Needs train.train_vision: false.
+    feature_cache: str | None = None
 
 
 @dataclass

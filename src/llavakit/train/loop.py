@@ -164,6 +164,10 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     say(trainable_table(model, groups))
 
     collator = _collator(cfg, processor)
+    if cfg.data.feature_cache:  # frozen vision: tower outputs computed once, then read from disk
+        from .feature_cache import attach_feature_cache
+
+        dataset, collator = attach_feature_cache(cfg, model, processor, dataset, collator, accelerator, say)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch_micro = math.ceil(len(dataset) / (t.batch_size * world))
     steps_per_epoch = math.ceil(per_epoch_micro / t.grad_accum)

@@ -1,0 +1,57 @@
+"""benchmarks/train_throughput.py runs end to end at a micro shape and writes the rows it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+ROW_KEYS = {"row", "config", "samples_per_s", "real_tokens_per_s", "padding_fraction", "peak_mem_mib",
+            "delta_mem_mib", "mfu", "ratio_vs_peer", "samples"}
+
+
+def _run(tmp_path, *extra) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "micro", "--warmup", "1", "--repeats", "1",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_every_row_of_both_stages_runs_beside_the_peer(tmp_path):
+    report, stdout = _run(tmp_path, "--inline")  # one process: fast; memory is not isolated per row
+    s2, s1 = report["stage2"], report["stage1"]
+    assert len(s2) == 8 and len(s1) == 3
+    for r in s2 + s1:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["samples_per_s"] > 0 and r["real_tokens_per_s"] > 0 and 0 <= r["padding_fraction"] < 1
+    peer, baseline = s2[0], s2[1]
+    assert peer["config"]["system"] == "peer" and peer["ratio_vs_peer"] == pytest.approx(1.0)
+    # A full epoch each: both sides train on exactly the same samples and the same real tokens.
+    assert peer["samples"] == baseline["samples"] == 16
+    per_sample = lambda r: r["real_tokens_per_s"] / r["samples_per_s"]  # noqa: E731
+    assert per_sample(peer) == pytest.approx(per_sample(baseline), rel=1e-6)
+    assert per_sample(s2[4]) == pytest.approx(per_sample(baseline), rel=1e-6)  # packing: same tokens
+    packed = [r for r in s2 if r["config"]["pack"]]
+    assert packed and all(r["padding_fraction"] == 0 for r in packed)
+    best = max((r for r in s2 if r["config"]["system"] == "llavakit"), key=lambda r: r["real_tokens_per_s"])
+    assert report["best"] == best["row"] and report["ratio_vs_peer"] == pytest.approx(best["ratio_vs_peer"])
+    assert s1[2]["config"]["cache"] and s1[2]["cache_build_s"] > 0 and report["stage1_cache_speedup"] > 0
+    assert "× peer" in stdout and "llavakit best (stage 2)" in stdout
+
+
+@pytest.mark.slow
+def test_rows_in_their_own_processes(tmp_path):
+    # bf16 autocast on both sides: the code path of the GPU shape.
+    report, _ = _run(tmp_path, "--stages", "2", "--rows", "1,8", "--steps", "1", "--precision", "bf16")
+    assert report["precision"] == "bf16"
+    assert [r["config"]["system"] for r in report["stage2"]] == ["peer", "llavakit"]
+    assert all(r["peak_mem_mib"] > 0 for r in report["stage2"]) and report["ratio_vs_peer"] > 0
