@@ -25,22 +25,22 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="a saved llavakit model directory (or hub id)")
+    add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="image for the first message; repeat for several")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="refuse images with more pixels than this (default: llavakit's image limit)")
+
+
+def add_model_arguments(parser) -> None:
+    """Which model, how to load it and how to generate (shared with `llavakit web`)."""
+    parser.add_argument("--model", required=True, help="a saved llavakit model directory (or hub id)")
     parser.add_argument("--template", default=None,
                         help="conversation template (default: the one the model was trained with)")
     parser.add_argument("--system", default=None, help="system prompt replacing the template's default")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="refuse images with more pixels than this (default: llavakit's image limit)")
-    add_model_arguments(parser)
-
-
-def add_model_arguments(parser) -> None:
-    """Where and how to load the model (shared with `llavakit web`)."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype (default: as saved)")

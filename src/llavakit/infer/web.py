@@ -28,20 +28,13 @@ LOOPBACK = "127.0.0.1"
 def add_arguments(parser) -> None:
     from llavakit.infer.chat import add_model_arguments
 
-    parser.add_argument("--model", required=True, help="a saved llavakit model directory (or hub id)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default=LOOPBACK,
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--template", default=None,
-                        help="conversation template (default: the one the model was trained with)")
-    parser.add_argument("--system", default=None, help="system prompt replacing the template's default")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-file-size", default="10mb", help="largest accepted upload (e.g. 10mb, 500kb)")
     parser.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, in pixels")
     parser.add_argument("--max-images", type=int, default=8, help="images per conversation")
-    add_model_arguments(parser)
 
 
 def import_gradio():
