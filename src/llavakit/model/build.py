@@ -9,6 +9,7 @@ and refuse to continue if any component weight is missing or unexpected.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -58,10 +59,25 @@ def vision_config_of(cfg):
     return (sub, True) if sub is not None else (cfg, False)
 
 
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def load_vision_tower(vision: str | Path, dtype=None, **hub_kwargs):
     cfg, dual = vision_config_of(AutoConfig.from_pretrained(vision, **hub_kwargs))
     model_cls = AutoModel._model_mapping[type(cfg)]
-    tower, info = model_cls.from_pretrained(vision, config=cfg, dtype=dtype, output_loading_info=True, **hub_kwargs)
+    quiet = _quiet_transformers() if dual else nullcontext()
+    with quiet:  # the other tower's weights are expected leftovers; real problems are raised just below
+        tower, info = model_cls.from_pretrained(vision, config=cfg, dtype=dtype, output_loading_info=True,
+                                                **hub_kwargs)
     _check_loading("vision", vision, info, dual)
     return tower
 
