@@ -22,8 +22,7 @@ from pathlib import Path
 class Scale:
     """Sizes of one demo run. `full` is the README's demo; `small` is the fast test's."""
 
-    n_train: int
-    n_test: int
+    world: dict = field(default_factory=dict)  # write_world kwargs (default: its own sizes)
     lm: dict = field(default_factory=dict)  # pretrain_lm kwargs
     clip: dict = field(default_factory=dict)  # pretrain_clip kwargs
     stage1: list[str] = field(default_factory=list)  # `llavakit train` overrides
@@ -31,9 +30,9 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(n_train=2000, n_test=60),
-    "small": Scale(n_train=240, n_test=12, lm={"steps": 60}, clip={"steps": 60},
-                   stage1=["--train.max_steps=30"], stage2=["--train.max_steps=120"]),
+    "full": Scale(),
+    "small": Scale(world={"n_train": 1200, "n_test": 12}, lm={"steps": 300}, clip={"steps": 600},
+                   stage1=["--train.max_steps=100"], stage2=["--train.max_steps=400"]),
 }
 
 
@@ -93,7 +92,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
 
     say(f"== 1/5 synthetic world (seed {seed}) -> {out / 'data'}")
     t = time.perf_counter()
-    paths = write_world(out / "data", seed=seed, n_train=spec.n_train, n_test=spec.n_test)
+    paths = write_world(out / "data", seed=seed, **spec.world)
     _check_data(paths, say)
     phase("world", t)
 
@@ -106,12 +105,12 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     phase("stage0", t)
 
     recipes = configs_dir()
-    common = [f"--data.image_folder={paths.image_folder}", f"--train.seed={seed}"]
+    common = [f"--model.vision={vision}", f"--model.llm={llm}", f"--data.image_folder={paths.image_folder}",
+              f"--train.seed={seed}", "--train.report_to=none"]
     say("== 3/5 stage 1: projector pretraining on captions (llavakit train configs/demo/stage1.yaml)")
     t = time.perf_counter()
     s1 = out / "stage1"
-    argv = ["train", str(recipes / "stage1.yaml"), f"--model.vision={vision}", f"--model.llm={llm}",
-            f"--data.train={paths.stage1}", f"--train.output_dir={s1}", *common, *spec.stage1]
+    argv = ["train", str(recipes / "stage1.yaml"), f"--data.train={paths.stage1}", f"--train.output_dir={s1}", *common, *spec.stage1]
     if llavakit.cli.main(argv) != 0:
         raise RuntimeError("stage 1 failed (see above)")
     phase("stage1", t)
@@ -163,21 +162,21 @@ def _sample_conversation(model, processor, template, rows, image_folder) -> str:
 
     from llavakit.data.conversation import Turn
 
-    row = next((r for r in rows if "image" in r), rows[0])
-    names = row.get("images") or [row["image"]]
+    row = next(r for r in rows if r["type"] == "colour")
+    names = [row["image"]]
     images = [Image.open(Path(image_folder) / n).convert("RGB") for n in names]
-    marker = "<image>\n" * len(images)
-    questions = ["What colour is the shape?", "How many shapes are there?"]
+    shape_q = next(r for r in rows if r["type"] == "shape")["question"].replace("<image>", "").strip()
+    questions = [row["question"], shape_q]  # the world's own phrasing; the first carries the image
     turns, lines = [], [f"[image: {', '.join(names)}]"]
     for i, q in enumerate(questions):
-        turns.append(Turn("user", (marker if i == 0 else "") + q))
+        turns.append(Turn("user", q))
         prompt = template.render_prompt(turns)
         inputs = processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         answer = processor.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         turns.append(Turn("assistant", answer))
-        lines += [f"USER: {q}", f"ASSISTANT: {answer}"]
+        lines += [f"USER: {q.replace('<image>', '').strip()}", f"ASSISTANT: {answer}"]
     return "\n".join(lines)
 
 

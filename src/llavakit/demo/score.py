@@ -61,8 +61,9 @@ def predict(model, processor, rows: Sequence[dict], image_folder: str | Path, re
             images = [_row_images(r, folder) for r in chunk]
             if blind:
                 images = [[blank_like(im) for im in ims] for ims in images]
+            # render() returns the template's full text, bos included: add no second one
             inputs = processor(text=[render(r["question"]) for r in chunk], images=images, return_tensors="pt",
-                               padding_side="left")
+                               padding_side="left", add_special_tokens=False)
             inputs = inputs.to(model.device)
             gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new = gen[:, inputs["input_ids"].shape[1]:]

@@ -5,12 +5,14 @@ in one colour and one size, each in its own cell with a little jitter. From scen
 real LLaVA project has on disk, so the demo goes through the same readers and ``data check``:
 
     images/*.png    the pictures
-    stage1.json     LLaVA JSON, one caption per image (human ``<image>`` / gpt caption)
+    stage1.json     LLaVA JSON, one caption per training image (human ``<image>`` / gpt caption)
     stage2.json     LLaVA JSON, multi-turn Q&A; two-image samples use ``images`` and interleaved markers
     test.jsonl      held-out eval rows {"id", "type", "question", "image"|"images", "answer", "options"}
 
 Question types: colour, shape, position, count, yesno, two_image. Answers are one word or digit, so
-scoring is exact match on normalised text.
+scoring is exact match on normalised text. Training conversations also ask a few questions that are
+not scored (object size; count and size of each image of a pair): they teach the parts that the
+scored comparisons are built from.
 
 Chance. Every question has a known option set (stored as ``options``) and the generator draws the
 answer uniformly from it, so a guesser that sees the question but not the image is right with
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +79,12 @@ class Scene:
 
 
 def random_scene(rng: random.Random, shape: str | None = None, colour: str | None = None,
-                 count: int | None = None, cell: tuple[int, int] | None = None) -> Scene:
+                 count: int | None = None, cell: tuple[int, int] | None = None, size: str | None = None) -> Scene:
     """A scene with the given attributes fixed and everything else drawn from ``rng``."""
     shape = shape or rng.choice(SHAPES)
     colour = colour or rng.choice(list(COLOURS))
     count = count or rng.choice(COUNTS)
-    size = rng.choice(list(SIZES))
+    size = size or rng.choice(list(SIZES))
     all_cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     cells = [cell] if cell is not None else rng.sample(all_cells, count)
     if len(cells) != count:
@@ -125,11 +128,11 @@ def position_words(cell: tuple[int, int]) -> str:
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
-    """A one-sentence description: count, size, colour, shape, and where a single object is."""
+    """A one-sentence description: count, size, colour, shape, and where each object is."""
     noun = scene.shape if scene.count == 1 else PLURAL[scene.shape]
     what = f"{NUMBER_WORDS[scene.count]} {scene.size} {scene.colour} {noun}"
-    if scene.count == 1:
-        what += f" {position_words(scene.cells[0])}"
+    where = [position_words(c) for c in scene.cells]
+    what += " " + (where[0] if len(where) == 1 else ", ".join(where[:-1]) + " and " + where[-1])
     text = rng.choice(["{}.", "A picture of {}.", "There is {}." if scene.count == 1 else "There are {}."])
     text = text.format(what)
     return text[0].upper() + text[1:]
@@ -169,7 +172,7 @@ def _yesno_q(scene: Scene, variant: tuple[str, str]):  # variant: the (colour, s
 
 
 def _two_image_q(scenes: tuple[Scene, Scene], variant: tuple[str, str]):
-    """variant ("more", shape): both scenes show `shape`, counts differ; ("colour", c): one is c."""
+    """variant ("more", shape): both scenes show `shape`, counts differ; ("bigger", ""): sizes differ."""
     a, b = scenes
     kind, value = variant
     if kind == "more":
@@ -177,10 +180,12 @@ def _two_image_q(scenes: tuple[Scene, Scene], variant: tuple[str, str]):
             raise ValueError("'more' needs two scenes of the named shape with different counts")
         q = f"Which image has more {PLURAL[value]}, the first or the second?"
         return q, "first" if a.count > b.count else "second", ["first", "second"]
-    if (a.colour == value) == (b.colour == value):
-        raise ValueError("'colour' needs exactly one scene of the named colour")
-    q = f"Which image has {value} objects, the first or the second?"
-    return q, "first" if a.colour == value else "second", ["first", "second"]
+    if kind == "bigger":
+        if a.size == b.size:
+            raise ValueError("'bigger' needs one scene of small and one of large objects")
+        q = "Which image has bigger objects, the first or the second?"
+        return q, "first" if a.size == "large" else "second", ["first", "second"]
+    raise ValueError(f"unknown two-image variant {variant!r}")
 
 
 ASK = {"colour": _colour_q, "shape": _shape_q, "position": _position_q, "count": _count_q,
@@ -203,9 +208,9 @@ def _grid(qtype: str) -> list[tuple]:
         return [(s, str(n)) for s in SHAPES for n in COUNTS]
     if qtype == "yesno":
         return [((c, s), a) for c in COLOURS for s in SHAPES for a in ("yes", "no")]
-    if qtype == "two_image":
+    if qtype == "two_image":  # as many "bigger" as "more" rows (its one question text repeated)
         return ([(("more", s), a) for s in SHAPES for a in ("first", "second")]
-                + [(("colour", c), a) for c in COLOURS for a in ("first", "second")])
+                + [(("bigger", ""), a) for _ in SHAPES for a in ("first", "second")])
     raise ValueError(f"unknown question type {qtype!r}; valid: {list(QUESTION_TYPES)}")
 
 
@@ -232,11 +237,7 @@ def _make(qtype: str, key, answer: str, rng: random.Random):
     if qtype == "count":
         return [random_scene(rng, shape=key, count=int(answer))], None
     if qtype == "yesno":
-        colour, shape = key
-        if answer == "no":  # differ in colour, in shape, or in both
-            mode = rng.randrange(3)
-            colour = _other(rng, COLOURS, colour) if mode != 1 else colour
-            shape = _other(rng, SHAPES, shape) if mode != 0 else shape
+        colour, shape = key if answer == "yes" else _something_else(rng, *key)
         return [random_scene(rng, shape=shape, colour=colour)], key
     if qtype == "two_image":
         kind, value = key
@@ -245,9 +246,8 @@ def _make(qtype: str, key, answer: str, rng: random.Random):
             counts = (hi, lo) if answer == "first" else (lo, hi)
             scenes = [random_scene(rng, shape=value, count=n) for n in counts]
         else:
-            colours = (value, _other(rng, COLOURS, value))
-            colours = colours if answer == "first" else colours[::-1]
-            scenes = [random_scene(rng, colour=c) for c in colours]
+            sizes = ("large", "small") if answer == "first" else ("small", "large")
+            scenes = [random_scene(rng, size=z) for z in sizes]
         return scenes, key
     raise ValueError(f"unknown question type {qtype!r}; valid: {list(QUESTION_TYPES)}")
 
@@ -261,38 +261,56 @@ def ask(qtype: str, scenes: list[Scene], variant=None) -> tuple[str, str, list[s
     return q, a, opts
 
 
-def _random_variant(qtype: str, scene: Scene, rng: random.Random, yes: bool | None = None):
-    """A variant for a training question about an existing scene (answers stay ~uniform).
+def _something_else(rng: random.Random, colour: str, shape: str) -> tuple[str, str]:
+    """A (colour, shape) that differs from the given one in colour, in shape, or in both (1/3 each)."""
+    mode = rng.randrange(3)
+    return (_other(rng, COLOURS, colour) if mode != 1 else colour,
+            _other(rng, SHAPES, shape) if mode != 0 else shape)
 
-    For yesno, ``yes`` picks the answer (None: a fair coin); a "no" query differs from the scene in
-    colour, in shape, or in both.
+
+def _single_image_turns(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+    """``turns`` (question, answer) pairs about one scene, in random order.
+
+    The pool holds every type that applies, yesno twice (one yes, one no) and position on both axes:
+    checking a claim and locating an object are the slowest skills to learn, so they get the most
+    examples.
     """
-    if qtype == "position":
-        return rng.choice(["h", "v"])
-    if qtype == "yesno":
-        if yes if yes is not None else rng.random() < 0.5:
-            return scene.colour, scene.shape
-        mode = rng.randrange(3)
-        colour = _other(rng, COLOURS, scene.colour) if mode != 1 else scene.colour
-        shape = _other(rng, SHAPES, scene.shape) if mode != 0 else scene.shape
-        return colour, shape
-    return None
-
-
-def _single_image_turns(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, object]]:
-    """``turns`` (question type, variant) pairs about one scene, in random order.
-
-    The pool holds every type that applies once, and yesno twice (one yes, one no): binding colour
-    and shape to check a claim is the slowest skill to learn, so it gets the most examples.
-    """
-    yes_first = rng.random() < 0.5
     pool = [("colour", None), ("shape", None), ("count", None),
-            ("yesno", _random_variant("yesno", scene, rng, yes=yes_first)),
-            ("yesno", _random_variant("yesno", scene, rng, yes=not yes_first))]
+            ("yesno", (scene.colour, scene.shape)), ("yesno", _something_else(rng, scene.colour, scene.shape))]
     if scene.count == 1:
-        pool.append(("position", _random_variant("position", scene, rng)))
-    picked = rng.sample(pool, min(turns, len(pool)))
-    return picked
+        pool += [("position", "h"), ("position", "v")]
+    pool.append(("size", None))
+    return [_size_q(scene) if t == "size" else ASK[t](scene, v)[:2]
+            for t, v in rng.sample(pool, min(turns, len(pool)))]
+
+
+def _size_q(scene: Scene, where: str = "") -> tuple[str, str]:
+    """A training-only question: the size of the objects (what "bigger" comparisons build on)."""
+    verb, noun = ("Is", "object") if scene.count == 1 else ("Are", "objects")
+    return f"{verb} the {noun}{where} small or large?", scene.size
+
+
+def _two_image_turns(scenes: list[Scene], variant, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+    """The comparison question ``variant`` first, then up to ``turns - 1`` others in random order:
+    the other comparison when it applies, and questions about each image on its own, which teach
+    the model to tell the two images apart."""
+    a, b = scenes
+    pool = []
+    if variant[0] == "more" and a.size != b.size:
+        pool.append(ASK["two_image"]((a, b), ("bigger", ""))[:2])
+    elif variant[0] == "bigger" and a.shape == b.shape and a.count != b.count:
+        pool.append(ASK["two_image"]((a, b), ("more", a.shape))[:2])
+    for which, scene in (("first", a), ("second", b)):
+        pool.append((f"How many {PLURAL[scene.shape]} are in the {which} image?", str(scene.count)))
+        pool.append(_size_q(scene, f" in the {which} image"))
+    return [ASK["two_image"]((a, b), variant)[:2]] + rng.sample(pool, min(turns - 1, len(pool)))
+
+
+def _conversation(turns: list[tuple[str, str]], prefix: str) -> list[dict]:
+    conv = []
+    for t, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": prefix + q if t == 0 else q}, {"from": "gpt", "value": a}]
+    return conv
 
 
 # --- writing the world -----------------------------------------------------------------------------
@@ -309,12 +327,13 @@ def _key(scene: Scene) -> tuple:
     return (scene.shape, scene.colour, scene.size, scene.cells, scene.offsets, scene.tint, scene.background)
 
 
-def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_test: int = 60,
-                two_image_fraction: float = 0.3, turns: int = 3) -> WorldPaths:
+def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 60,
+                two_image_fraction: float = 0.5, turns: int = 6) -> WorldPaths:
     """Write the world under ``out_dir`` and return its paths.
 
-    n_train: single-image training scenes (each gets a caption in stage1.json and one ``turns``-turn
-    conversation in stage2.json); ``two_image_fraction * n_train`` two-image conversations are added.
+    n_train: single-image training scenes, one ``turns``-turn conversation each in stage2.json;
+    ``two_image_fraction * n_train`` two-image conversations (two new scenes each) are added. Every
+    training image gets a caption in stage1.json.
     n_test: held-out rows per question type, rounded up to whole repetitions of the type's balanced
     design (see ``_grid``). The same arguments always give byte-identical files.
     """
@@ -328,39 +347,27 @@ def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_test:
         draw(scene).save(images / name, format="PNG")
         return name
 
-    # Stage 1 + stage 2 single-image conversations share the training scenes.
     stage1, stage2 = [], []
+
+    def save_train(scene: Scene, name: str) -> str:  # every training image also gets a stage-1 caption
+        seen.add(_key(scene))
+        stage1.append({"id": f"cap-{name.rsplit('.', 1)[0]}", "image": save(scene, name), "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, rng)}]})
+        return name
+
     for i in range(n_train):
         scene = random_scene(rng)
-        seen.add(_key(scene))
-        name = save(scene, f"train_{i:05d}.png")
-        stage1.append({"id": f"cap-{i:05d}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, rng)}]})
-        conv = []
-        for t, (qtype, variant) in enumerate(_single_image_turns(scene, rng, turns)):
-            q, a, _ = ask(qtype, [scene], variant)
-            conv += [{"from": "human", "value": ("<image>\n" + q) if t == 0 else q}, {"from": "gpt", "value": a}]
+        name = save_train(scene, f"train_{i:05d}.png")
+        conv = _conversation(_single_image_turns(scene, rng, turns), "<image>\n")
         stage2.append({"id": f"qa-{i:05d}", "image": name, "conversations": conv})
 
-    # Two-image conversations: a first question from the design, then the other kind when it applies.
+    # Two-image conversations: a comparison from the held-out design's cells, then follow-ups.
     cells = _grid("two_image")
     for j in range(int(round(two_image_fraction * n_train))):
         key, answer = rng.choice(cells)
         scenes, variant = _make("two_image", key, answer, rng)
-        for s in scenes:
-            seen.add(_key(s))
-        names = [save(s, f"pair_{j:05d}_{k}.png") for k, s in enumerate(scenes)]
-        q, a, _ = ask("two_image", scenes, variant)
-        conv = [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-        a_s, b_s = scenes
-        follow = None
-        if variant[0] == "more" and a_s.colour != b_s.colour:
-            follow = ("colour", rng.choice([a_s.colour, b_s.colour]))
-        elif variant[0] == "colour" and a_s.shape == b_s.shape and a_s.count != b_s.count:
-            follow = ("more", a_s.shape)
-        if follow is not None:
-            q2, a2, _ = ASK["two_image"](tuple(scenes), follow)
-            conv += [{"from": "human", "value": q2}, {"from": "gpt", "value": a2}]
+        names = [save_train(s, f"pair_{j:05d}_{k}.png") for k, s in enumerate(scenes)]
+        conv = _conversation(_two_image_turns(scenes, variant, rng, turns), TWO_IMAGE_PREFIX)
         stage2.append({"id": f"qa2-{j:05d}", "images": names, "conversations": conv})
     rng.shuffle(stage2)
 
@@ -410,19 +417,24 @@ def caption_pairs(stage1_json: str | Path, image_folder: str | Path) -> list[tup
     return [(folder / s["image"], s["conversations"][-1]["value"]) for s in read_json(stage1_json)]
 
 
-def text_corpus(*llava_jsons: str | Path) -> list[str]:
-    """Plain text of training conversations (markers removed): one line per sample, for the LM.
+def text_corpus(stage1_json: str | Path, stage2_json: str | Path) -> list[str]:
+    """The world's text for pretraining the LM: each stage-2 conversation with every image marker
+    replaced by that image's stage-1 caption, one sample per line-group.
 
-    A turn pair becomes "question answer." so the LM learns the words, the questions and the answer
-    vocabulary; it cannot learn the answers themselves, which depend on the image.
+    Like a real LLM's pretraining text, this teaches the words and, in plain language, the skills
+    the questions need (reading a colour off a description, comparing two counts, checking a claim);
+    stage 1 then teaches the projector to "describe" an image to the LM, stage 2 to answer from it.
     """
-    lines = []
-    for path in llava_jsons:
-        for sample in read_json(path):
-            parts = [t["value"].replace("<image>", "").replace("First image:", "").replace("Second image:", "")
-                     .strip() for t in sample["conversations"]]
-            lines.append(" ".join(p for p in parts if p))
-    return lines
+    captions = {s["image"]: s["conversations"][-1]["value"] for s in read_json(stage1_json)}
+    texts = []
+    for sample in read_json(stage2_json):
+        names = iter(sample["images"] if "images" in sample else [sample["image"]])
+        lines = []
+        for human, gpt in zip(sample["conversations"][::2], sample["conversations"][1::2]):
+            question = re.sub(r"<image>", lambda _: captions[next(names)], human["value"])
+            lines.append(f"{question} {gpt['value']}")
+        texts.append("\n".join(lines))
+    return texts
 
 
 def chance_by_type(rows: Iterable[dict]) -> dict[str, float]:
