@@ -129,7 +129,7 @@ def test_loss_goes_down_when_training_longer(tiny_dirs, dataset, tmp_path):
 
 def test_lora_trains_adapters_and_merge_gives_the_same_logits(tiny_dirs, dataset, tmp_path):
     tree = _cfg(tiny_dirs, dataset, tmp_path / "lora", stage="lora", max_steps=3)
-    tree["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    tree["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout: the RNG state must resume too
     run = run_training(_write(tmp_path, tree))
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "projector.safetensors").is_file()
 
@@ -251,8 +251,10 @@ def test_sigkill_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_
     assert len(list(run.glob("checkpoint-*"))) <= 2 and not list(run.glob("*.tmp"))
 
 
-def test_resume_ignores_a_half_written_checkpoint(tiny_dirs, dataset, tmp_path):
-    tree = _cfg(tiny_dirs, dataset, tmp_path / "half", max_steps=4, save_every=2, batch_size=2)
+@pytest.mark.parametrize("stage", ["finetune", "lora"])
+def test_resume_ignores_a_half_written_checkpoint(tiny_dirs, dataset, tmp_path, stage):
+    tree = _cfg(tiny_dirs, dataset, tmp_path / "half", stage=stage, max_steps=4, save_every=2, batch_size=2)
+    tree["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout: the RNG state must resume too
     path = _write(tmp_path, tree)
     run = run_training(path)
     ref = read_losses(run / "losses.jsonl")
@@ -261,7 +263,8 @@ def test_resume_ignores_a_half_written_checkpoint(tiny_dirs, dataset, tmp_path):
     (run / "checkpoint-4.tmp" / "model.safetensors").write_bytes(b"partial")
     import shutil
 
-    shutil.rmtree(run / "model")
+    for final in ("model", "adapter"):
+        shutil.rmtree(run / final, ignore_errors=True)
     run_training(path, resume=True)
     assert not (run / "checkpoint-4.tmp").exists()
     got = read_losses(run / "losses.jsonl")

@@ -106,11 +106,13 @@ def rank_batches(order: list[int], per_device: int, world: int, rank: int) -> li
     return out
 
 
-def make_loader(dataset, batches, collator, num_workers: int):
+def make_loader(dataset, batches, collator, num_workers: int, seed: int = 0):
     from torch.utils.data import DataLoader
 
+    # Its own generator: creating the iterator draws a worker base seed, which must not consume the
+    # global RNG (dropout) at a point that differs between a resumed and an uninterrupted run.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
 
 
 # --- optimisation -------------------------------------------------------------------------------
@@ -201,7 +203,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     while state["step"] < total_steps:
         order = epoch_order(dataset, cfg, state["epoch"], t.batch_size * world)
         epoch_batches = rank_batches(order, t.batch_size, world, rank)
-        loader = iter(make_loader(dataset, epoch_batches[state["micro_in_epoch"]:], collator, cfg.data.num_workers))
+        loader = iter(make_loader(dataset, epoch_batches[state["micro_in_epoch"]:], collator, cfg.data.num_workers,
+                                  seed=t.seed * 1000 + state["epoch"]))
         while state["step"] < total_steps:
             window = [b for _, b in zip(range(t.grad_accum), loader)]
             if not window:  # defensive: an exhausted epoch moves to the next one
