@@ -107,22 +107,19 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     recipes = configs_dir()
     common = [f"--model.vision={vision}", f"--model.llm={llm}", f"--data.image_folder={paths.image_folder}",
               f"--train.seed={seed}", "--train.report_to=none"]
-    say("== 3/5 stage 1: projector pretraining on captions (llavakit train configs/demo/stage1.yaml)")
-    t = time.perf_counter()
-    s1 = out / "stage1"
-    argv = ["train", str(recipes / "stage1.yaml"), f"--data.train={paths.stage1}", f"--train.output_dir={s1}", *common, *spec.stage1]
-    if llavakit.cli.main(argv) != 0:
-        raise RuntimeError("stage 1 failed (see above)")
-    phase("stage1", t)
-
-    say("== 4/5 stage 2: visual instruction tuning (llavakit train configs/demo/stage2.yaml)")
-    t = time.perf_counter()
-    s2 = out / "stage2"
-    argv = ["train", str(recipes / "stage2.yaml"), f"--model.init_from={s1}", f"--data.train={paths.stage2}",
-            f"--train.output_dir={s2}", *common, *spec.stage2]
-    if llavakit.cli.main(argv) != 0:
-        raise RuntimeError("stage 2 failed (see above)")
-    phase("stage2", t)
+    s1, s2 = out / "stage1", out / "stage2"
+    stages = [
+        ("stage1", "3/5 stage 1: projector pretraining on captions", [f"--data.train={paths.stage1}", *spec.stage1]),
+        ("stage2", "4/5 stage 2: visual instruction tuning",
+         [f"--model.init_from={s1}", f"--data.train={paths.stage2}", *spec.stage2]),
+    ]
+    for name, title, extra in stages:
+        say(f"== {title} (llavakit train configs/demo/{name}.yaml)")
+        t = time.perf_counter()
+        argv = ["train", str(recipes / f"{name}.yaml"), f"--train.output_dir={out / name}", *common, *extra]
+        if llavakit.cli.main(argv) != 0:
+            raise RuntimeError(f"{name} failed (see above)")
+        phase(name, t)
 
     say("== 5/5 held-out scores, with the image and blind")
     t = time.perf_counter()
