@@ -213,7 +213,8 @@ def test_load_validated_refuses_or_skips(tmp_path, caplog):
 
 
 # --- token-level checks, against the encode() contract ------------------------------------------
-def fake_encode(conv, template, tokenizer, image_token_id, image_seq_length, max_length=None, overflow="truncate"):
+def fake_encode(conv, template, tokenizer, image_token_id, image_seq_length, max_length=None, overflow="truncate",
+                tokenization="llm"):
     """Contract stand-in: one token per word, images expand; keeps whole leading rounds to fit."""
     def ids_labels(turns):
         ids, labels = [], []

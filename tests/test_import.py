@@ -229,8 +229,10 @@ def test_import_original_llava_checkpoint_matches_llava_maths(original_full, tin
 def test_import_pretrain_run_projector_bin_with_base_llm(tiny_dirs, tmp_path, projector):
     run = tmp_path / "pretrain"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps(_llava_config(tiny_dirs["llama"], tiny_dirs["clip"], projector,
-                                                              aspect="square")))
+    # what LLaVA's pretraining writes: config.save_pretrained keeps the base LLM's architectures
+    cfg = _llava_config(tiny_dirs["llama"], tiny_dirs["clip"], projector, aspect="square")
+    (run / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    assert checkpoint_format(run) == "original-llava"
     proj = _llava_projector(projector, seed=11)
     torch.save(_prefixed(proj, "model.mm_projector."), run / "mm_projector.bin")
 

@@ -115,7 +115,8 @@ def _tokenizer_bits(args) -> dict:
     except ValueError as e:
         raise _UsageError(f"{e} (pass --template)") from None
     return dict(tokenizer=processor.tokenizer, template=template, image_token_id=processor.image_token_id,
-                image_seq_length=processor.image_seq_length, max_length=max_length, overflow=args.overflow)
+                image_seq_length=processor.image_seq_length, max_length=max_length, overflow=args.overflow,
+                tokenization=processor.tokenization)
 
 
 def _write_report(path: str, rows: list[dict]) -> None:
@@ -161,7 +162,8 @@ def _lengths(convs, bits) -> tuple[list[int], str, int]:
     lengths, failed = [], 0
     for c in convs:
         try:
-            enc = encode(c, bits["template"], bits["tokenizer"], bits["image_token_id"], bits["image_seq_length"])
+            enc = encode(c, bits["template"], bits["tokenizer"], bits["image_token_id"], bits["image_seq_length"],
+                         tokenization=bits["tokenization"])
         except ValueError:
             failed += 1
             continue

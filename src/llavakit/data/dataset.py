@@ -95,7 +95,8 @@ class SupervisedDataset(Dataset):
         for conv in conversations:
             try:
                 enc = encode(conv, self.template, tokenizer, processor.image_token_id, processor.image_seq_length,
-                             max_length=max_length, overflow=overflow)
+                             max_length=max_length, overflow=overflow,
+                             tokenization=processor.tokenization)
             except SampleError as e:
                 if strict:
                     raise

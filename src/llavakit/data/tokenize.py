@@ -13,12 +13,29 @@ is tokenized as a mid-text piece: sentencepiece-style tokenizers (Metaspace, ``p
 "first"``) then add their word-start marker only at the true start of the text, as for the whole
 string. Byte-level BPE tokenizers (GPT-2/Qwen/Llama-3 style) never merge across the run boundaries
 of the built-in templates; the one known difference is a reply that *starts* with newlines after a
-header ending in a newline (Qwen's pre-tokenizer joins ``"\\n" + "\\n"`` in a whole string).
+header ending in a newline (Qwen's pre-tokenizer joins ``"\\n" + "\\n"`` in a whole string). A
+SentencePiece tokenizer that puts its word-start marker after *every* special token (Llama with
+``legacy=True``) gives a reply that starts without a space right after a header that does not end
+in a special token (``chatml``'s ``"assistant\\n"``, ``mistral_instruct``'s ``"[/INST]"`` where
+that is not a special token) a ``"▁"`` the whole string would not have.
 
 ``<image>`` markers never go through the tokenizer: each becomes exactly ``image_seq_length`` copies
 of ``image_token_id``, unsupervised. Over-long samples are dropped or truncated by removing whole
 trailing rounds (a user turn and the assistant reply after it) with their images; a cut never lands
 inside an image's placeholders. `encode_prompt` tokenizes a generation prompt the same way.
+
+**Tokenization modes** (the contract a checkpoint was trained with; recorded as
+``processor.tokenization`` in its processor config, so training, chat, eval and export agree):
+
+* ``llm`` (models llavakit builds): the rendered text is tokenized the way the base LLM's tokenizer
+  tokenizes it with its own special-token handling. A leading bos the template writes is left to the
+  tokenizer (``add_special_tokens=True``), so the first word keeps its word-start marker (``▁A``,
+  not ``A``, for a SentencePiece Llama tokenizer with ``legacy=False``); later pieces are mid-text.
+* ``llava`` (imported original-LLaVA checkpoints): as LLaVA's ``tokenizer_image_token`` — the text
+  between images is cut into chunks and each chunk is tokenized as a text of its own (so it gets the
+  tokenizer's word-start marker again after every image), with the bos of the first chunk only.
+* ``text`` (llavakit checkpoints saved before the field existed): bos is part of the text and
+  everything is tokenized with ``add_special_tokens=False``.
 """
 
 from __future__ import annotations
@@ -30,6 +47,8 @@ from .templates import Template, TemplateError
 
 IGNORE_INDEX = -100
 OVERFLOW_POLICIES = ("truncate", "drop")
+TOKENIZATIONS = ("llm", "llava", "text")  # see the module docstring
+LEGACY_TOKENIZATION = "text"  # what a processor config without the field was trained with
 
 
 @dataclass
@@ -74,8 +93,54 @@ def _runs(segments) -> list[tuple[str, bool]]:
     return [(t, s) for t, s in runs]
 
 
-def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length: int) -> tuple[list[int], list[int]]:
-    """Segments -> (input_ids, labels), one tokenizer call for all pieces of the sample."""
+def check_tokenization(mode: str) -> str:
+    if mode not in TOKENIZATIONS:
+        raise ValueError(f"tokenization={mode!r} is not one of {list(TOKENIZATIONS)}")
+    return mode
+
+
+def added_special_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the ids ``add_special_tokens=True`` puts before and after a text."""
+    cache = getattr(tokenizer, "_llavakit_added_special_ids", None)
+    if cache is not None:
+        return cache
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(plain)
+    found = next((i for i in range(len(with_sp) - n + 1) if with_sp[i:i + n] == plain), None)
+    if found is None:  # the text itself tokenizes differently: trust only a leading bos
+        bos = tokenizer.bos_token_id
+        found = 1 if bos is not None and with_sp[:1] == [bos] else 0
+        n = len(with_sp) - found
+    out = (list(with_sp[:found]), list(with_sp[found + n:]))
+    try:
+        tokenizer._llavakit_added_special_ids = out
+    except AttributeError:  # pragma: no cover - slotted tokenizer objects
+        pass
+    return out
+
+
+def tokenize_as_text_start(text: str, tokenizer, keep_prefix: bool = True) -> list[int]:
+    """`text` tokenized as a text of its own, with the tokenizer's own special-token handling.
+
+    A leading bos written into `text` is left to the tokenizer (it adds its own); the tokenizer's
+    suffix (an eos some tokenizers append) is dropped; `keep_prefix=False` drops its prefix too."""
+    prefix, suffix = added_special_ids(tokenizer)
+    bos = tokenizer.bos_token
+    if prefix and bos and text.startswith(bos):
+        text = text[len(bos):]
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if prefix and ids[:len(prefix)] == prefix and not keep_prefix:
+        ids = ids[len(prefix):]
+    if suffix and ids[len(ids) - len(suffix):] == suffix:
+        ids = ids[:len(ids) - len(suffix)]
+    return ids
+
+
+def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length: int,
+                      tokenization: str = "llm") -> tuple[list[int], list[int]]:
+    """Segments -> (input_ids, labels), one tokenizer call for the mid-text pieces of the sample."""
+    check_tokenization(tokenization)
     pieces: list[tuple[str | None, bool]] = []  # None = one image
     for text, sup in _runs(segments):
         for j, part in enumerate(text.split(IMAGE_MARKER)):
@@ -83,15 +148,38 @@ def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length
                 pieces.append((None, False))
             if part:
                 pieces.append((part, sup))
+    # Under llm/llava the tokenizer adds its own prefix (bos): a bos the template wrote is taken off
+    # the text, so what follows is tokenized as the start of a text (its word-start marker kept).
+    prefix: list[int] = []
+    if tokenization != "text":
+        add, _ = added_special_ids(tokenizer)
+        bos = tokenizer.bos_token
+        wrote_bos = bool(bos) and bool(pieces) and pieces[0][0] is not None and pieces[0][0].startswith(bos)
+        if add and (wrote_bos or tokenization == "llava"):  # LLaVA's first chunk always had its bos
+            prefix = add
+            if wrote_bos:
+                rest = pieces[0][0][len(bos):]
+                pieces = ([(rest, pieces[0][1])] if rest else []) + pieces[1:]
+
+    def starts_text(k: int) -> bool:
+        """Whether piece k is tokenized as the start of a text (see the module docstring)."""
+        if tokenization == "llava":
+            return k == 0 or pieces[k - 1][0] is None
+        return tokenization == "llm" and k == 0 and bool(prefix)
+
     anchor = _anchor(tokenizer)
     texts, where = [], []
-    for k, (part, _) in enumerate(pieces):
-        if part is not None:
-            lead = anchor is not None and k > 0
-            texts.append(anchor[0] + part if lead else part)
-            where.append((k, lead))
-    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     by_piece: dict[int, list[int]] = {}
+    for k, (part, _) in enumerate(pieces):
+        if part is None:
+            continue
+        if starts_text(k):
+            by_piece[k] = tokenize_as_text_start(part, tokenizer, keep_prefix=False)
+            continue
+        lead = anchor is not None and k > 0
+        texts.append(anchor[0] + part if lead else part)
+        where.append((k, lead))
+    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     for (k, lead), ids in zip(where, tokenized):
         if lead:
             if not ids or ids[0] != anchor[1]:
@@ -109,7 +197,7 @@ def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length
         ids = by_piece[k]
         input_ids += ids
         labels += [t if sup and t != image_token_id else IGNORE_INDEX for t in ids]
-    return input_ids, labels
+    return prefix + input_ids, [IGNORE_INDEX] * len(prefix) + labels
 
 
 def _rounds(turns: list[Turn]) -> list[int]:
@@ -120,7 +208,7 @@ def _rounds(turns: list[Turn]) -> list[int]:
 
 
 def encode(conv: Conversation, template: Template, tokenizer, image_token_id: int, image_seq_length: int,
-           max_length: int | None = None, overflow: str = "truncate") -> EncodedSample:
+           max_length: int | None = None, overflow: str = "truncate", tokenization: str = "llm") -> EncodedSample:
     """One conversation -> `EncodedSample`; raises `SampleError` for a sample not to train on."""
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow={overflow!r} is not one of {list(OVERFLOW_POLICIES)}")
@@ -135,7 +223,7 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
         except TemplateError as e:
             raise SampleError.of(conv, f"template {template.name!r} cannot render it: {e}",
                                  "fix the turn roles or choose another template") from e
-        return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length)
+        return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length, tokenization)
 
     ids, labels = run(conv.turns)
     if not any(x != IGNORE_INDEX for x in labels):
@@ -168,7 +256,7 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
 
 
 def encode_prompt(turns: list[Turn], template: Template, tokenizer, image_token_id: int,
-                  image_seq_length: int) -> list[int]:
+                  image_seq_length: int, tokenization: str = "llm") -> list[int]:
     """Ids of `template.render_prompt(turns)`, tokenized exactly as training tokenized that text."""
     segs = template.segments(turns, add_generation_prompt=True)
-    return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length)[0]
+    return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length, tokenization)[0]

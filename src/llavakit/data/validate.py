@@ -111,11 +111,11 @@ def _check_images(convs: Sequence[Conversation], max_pixels: int | None, full: b
 
 
 def _tokens(conv: Conversation, encode, template, tokenizer, image_token_id, image_seq_length,
-            max_length: int | None, overflow: str) -> list[tuple[str, str, str]]:
+            max_length: int | None, overflow: str, tokenization: str) -> list[tuple[str, str, str]]:
     """Supervision and length, judged by the same `encode` (and length policy) training uses."""
     def run(limit):
         return encode(conv, template, tokenizer, image_token_id, image_seq_length, max_length=limit,
-                      overflow=overflow)
+                      overflow=overflow, tokenization=tokenization)
 
     try:
         full = run(None)
@@ -152,7 +152,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
              template=None, image_token_id: int | None = None, image_seq_length: int | None = None,
              max_length: int | None = None, check_images: bool = True, full_image_check: bool = True,
              overflow: str = "truncate", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-             workers: int | None = None, progress: bool = False) -> list[Problem]:
+             workers: int | None = None, progress: bool = False, tokenization: str = "llm") -> list[Problem]:
     """Every problem with the samples, sorted by index: the readers' (if `data` is a reader's
     ``(conversations, problems)``) plus structural, image, duplicate-id and, with a tokenizer and a
     template (a `Template` or its name), supervision and length checks.
@@ -161,6 +161,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
     as in `llavakit.data.tokenize.encode`): a warning when it can be truncated, an error when it
     would be dropped. ``full_image_check=False`` reads only image headers: much faster, but misses
     truncated files. Given a plain list of conversations, only the new problems are returned.
+    ``tokenization`` is the model's (``processor.tokenization``; see `llavakit.data.tokenize`).
     """
     convs, problems = _split(data)
     encode = None
@@ -184,7 +185,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
         # Tokenize only what is well-formed: a broken sample already has its reason.
         if encode is not None and not any(sev == "error" for sev, _, _ in found):
             found += _tokens(conv, encode, template, tokenizer, image_token_id, image_seq_length, max_length,
-                             overflow)
+                             overflow, tokenization)
         problems += [Problem(conv.index, conv.id, sev, reason, hint, conv.source) for sev, reason, hint in found]
     problems.sort(key=lambda p: p.index)
     return problems

@@ -70,8 +70,6 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
 
     import llavakit
     import llavakit.cli
-    from llavakit.data.conversation import Turn
-    from llavakit.data.templates import get_template
 
     from .backbones import pretrain_clip, pretrain_lm
     from .score import format_table, score
@@ -126,13 +124,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     model_dir = out / "model"
     shutil.copytree(s2 / "model", model_dir)
     model, processor = llavakit.load(model_dir)
-    template = get_template(processor.template, processor.tokenizer)
     rows = read_test(paths.test)
-
-    def render(question: str) -> str:
-        return template.render_prompt([Turn("user", question)])
-
-    metrics, samples = score(model, processor, rows, paths.image_folder, render)
+    metrics, samples = score(model, processor, rows, paths.image_folder)
     phase("score", t)
     metrics = {"seconds": round(time.perf_counter() - t0, 1), "types": metrics["types"], "phases": timings,
                "seed": seed, "scale": scale}
@@ -141,7 +134,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     for stage in ("stage1", "stage2"):
         if (out / stage / "loss.png").is_file():
             shutil.copy(out / stage / "loss.png", out / f"loss_{stage}.png")
-    example = _sample_conversation(model, processor, template, rows, paths.image_folder)
+    example = _sample_conversation(model, processor, rows, paths.image_folder)
     (out / "sample_conversation.txt").write_text(example)
     say("")
     say(format_table(metrics["types"]))
@@ -152,26 +145,23 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     return metrics
 
 
-def _sample_conversation(model, processor, template, rows, image_folder) -> str:
-    """A two-turn exchange about one held-out image, as text."""
-    import torch
+def _sample_conversation(model, processor, rows, image_folder) -> str:
+    """A two-turn exchange about one held-out image, as text (prompted as `llavakit chat` does)."""
     from PIL import Image
 
     from llavakit.data.conversation import Turn
+    from llavakit.infer.generate import GenerationSettings, Generator
 
+    generator = Generator(model, processor)
     row = next(r for r in rows if r["type"] == "colour")
     names = [row["image"]]
     images = [Image.open(Path(image_folder) / n).convert("RGB") for n in names]
     shape_q = next(r for r in rows if r["type"] == "shape")["question"].replace("<image>", "").strip()
     questions = [row["question"], shape_q]  # the world's own phrasing; the first carries the image
     turns, lines = [], [f"[image: {', '.join(names)}]"]
-    for i, q in enumerate(questions):
+    for q in questions:
         turns.append(Turn("user", q))
-        prompt = template.render_prompt(turns)
-        inputs = processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        answer = processor.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        answer = generator.generate([turns], [images], GenerationSettings(max_new_tokens=8))[0].strip()
         turns.append(Turn("assistant", answer))
         lines += [f"USER: {q.replace('<image>', '').strip()}", f"ASSISTANT: {answer}"]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -43,15 +43,20 @@ def _row_images(row: dict, image_folder: Path) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def predict(model, processor, rows: Sequence[dict], image_folder: str | Path, render: Callable[[str], str], *,
+def predict(model, processor, rows: Sequence[dict], image_folder: str | Path, template: str | None = None, *,
             blind: bool = False, batch_size: int = 64, max_new_tokens: int = 4) -> list[str]:
     """Greedy answers (decoded, not normalised) for ``rows``.
 
-    ``render(question)`` turns a row's question (text with its ``<image>`` markers) into the full
-    prompt in the model's conversation template, ending where the assistant's answer starts.
-    With ``blind=True`` every image is swapped for ``blank_like(image)``.
+    Each row's question (text with its ``<image>`` markers) is one user turn, prompted and tokenized
+    exactly as ``llavakit chat`` / ``eval`` do (`llavakit.infer.generate.Generator`: the model's
+    template and tokenization). With ``blind=True`` every image is swapped for ``blank_like(image)``.
     """
+    from llavakit.data.conversation import Turn
+    from llavakit.infer.generate import GenerationSettings, Generator
+
     folder = Path(image_folder)
+    generator = Generator(model, processor, template=template)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -61,13 +66,7 @@ def predict(model, processor, rows: Sequence[dict], image_folder: str | Path, re
             images = [_row_images(r, folder) for r in chunk]
             if blind:
                 images = [[blank_like(im) for im in ims] for ims in images]
-            # render() returns the template's full text, bos included: add no second one
-            inputs = processor(text=[render(r["question"]) for r in chunk], images=images, return_tensors="pt",
-                               padding_side="left", add_special_tokens=False)
-            inputs = inputs.to(model.device)
-            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = gen[:, inputs["input_ids"].shape[1]:]
-            out += processor.batch_decode(new, skip_special_tokens=True)
+            out += generator.generate([[Turn("user", r["question"])] for r in chunk], images, settings)
     finally:
         model.train(was_training)
     return out
@@ -80,15 +79,15 @@ def accuracy_by_type(rows: Sequence[dict], predictions: Sequence[str]) -> dict[s
     return {t: sum(v) / len(v) for t, v in right.items()}
 
 
-def score(model, processor, rows: Sequence[dict], image_folder: str | Path, render: Callable[[str], str],
+def score(model, processor, rows: Sequence[dict], image_folder: str | Path, template: str | None = None,
           **predict_kwargs) -> tuple[dict, list[dict]]:
     """Score with the image and blind. Returns (metrics, samples).
 
     metrics = {"types": {type: {"with_image": acc, "blind": acc, "chance": acc}}} in the world's type
     order; samples = one dict per row with the question, answer and both predictions.
     """
-    seen = predict(model, processor, rows, image_folder, render, blind=False, **predict_kwargs)
-    blind = predict(model, processor, rows, image_folder, render, blind=True, **predict_kwargs)
+    seen = predict(model, processor, rows, image_folder, template, blind=False, **predict_kwargs)
+    blind = predict(model, processor, rows, image_folder, template, blind=True, **predict_kwargs)
     with_acc, blind_acc, chance = accuracy_by_type(rows, seen), accuracy_by_type(rows, blind), chance_by_type(rows)
     order = [t for t in QUESTION_TYPES if t in with_acc] + sorted(set(with_acc) - set(QUESTION_TYPES))
     types = {t: {"with_image": round(with_acc[t], 4), "blind": round(blind_acc[t], 4), "chance": round(chance[t], 4)}

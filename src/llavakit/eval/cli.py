@@ -79,6 +79,9 @@ def run(args) -> int:
     if args.limit is not None:
         samples = samples[:args.limit]
     out = Path(args.out or f"eval-{data.stem}")
+    from llavakit.infer.logs import route_library_warnings
+
+    route_library_warnings("eval", out / "library-warnings.log")
     generator = load_generator(args.model, device=args.device, dtype=args.dtype, template=args.template)
     run_info = {"model": str(args.model), "data": str(data.resolve()), "data_sha256": file_sha256(data),
                 "image_folder": args.image_folder, "batch_size": args.batch_size}

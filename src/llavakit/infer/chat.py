@@ -44,6 +44,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype (default: as saved)")
+    parser.add_argument("--log", default=None, metavar="FILE",
+                        help="where library warnings go (default: $LLAVAKIT_LOG or "
+                             "~/.local/state/llavakit/COMMAND.log), never into the replies")
 
 
 def load_generator(args):
@@ -80,7 +83,10 @@ def run(args) -> int:
         except ImageError as e:
             print(f"llavakit chat: --image {path}: {e} -> {e.hint}", file=sys.stderr)
             return 2
-    print(f"loading {args.model} ...", file=out, flush=True)
+    from llavakit.infer.logs import route_library_warnings
+
+    log_path = route_library_warnings("chat", args.log)
+    print(f"loading {args.model} ... (library warnings go to {log_path})", file=out, flush=True)
     generator = load_generator(args)
     session = ChatSession(generator, settings, system=args.system)
     for path, image in first_images:

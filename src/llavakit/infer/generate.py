@@ -172,7 +172,7 @@ class Generator:
             if markers != len(ims):
                 raise ValueError(f"conversation {i} has {markers} {IMAGE_MARKER} marker(s) but {len(ims)} image(s)")
             ids.append(encode_prompt(turns, self.template, self.tokenizer, proc.image_token_id,
-                                     proc.image_seq_length))
+                                     proc.image_seq_length, tokenization=proc.tokenization))
         batch = proc.pad(ids, padding_side="left")  # [B, L] ids and mask
         data = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         flat = [im for ims in images for im in ims]

@@ -166,7 +166,10 @@ def run(args) -> int:
     except ValueError as e:
         print(f"llavakit web: {e}", file=sys.stderr)
         return 2
-    print(f"loading {args.model} ...", flush=True)
+    from llavakit.infer.logs import route_library_warnings
+
+    log_path = route_library_warnings("web", args.log)
+    print(f"loading {args.model} ... (library warnings go to {log_path})", flush=True)
     generator = load_generator(args)
     app = build_app(generator, settings, system=args.system, max_pixels=args.max_pixels,
                     max_images=args.max_images)

@@ -4,7 +4,8 @@
     open_checkpoint(path) -> (model, processor)
         llavakit folder              -> llavakit.model.build.load
         llava-hf folder / hub id     -> import_hf_llava        (architectures: LlavaForConditionalGeneration)
-        original LLaVA checkpoint    -> import_original_llava  (architectures: LlavaLlamaForCausalLM, ...)
+        original LLaVA checkpoint    -> import_original_llava  (architectures: LlavaLlamaForCausalLM, ...;
+                                                                  a pretrain run: model_type llava_llama, ...)
 
 Formats are told apart by the exact `model_type` / `architectures` in config.json, never by a name.
 """
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 
 from .hf_llava import export_hf_llava, import_hf_llava
-from .original_llava import ORIGINAL_ARCHITECTURES, import_original_llava
+from .original_llava import ORIGINAL_ARCHITECTURES, ORIGINAL_MODEL_TYPES, import_original_llava
 
 # export format -> writer(model, processor, out, **options)
 EXPORT_FORMATS = {"hf-llava": export_hf_llava}
@@ -50,6 +51,8 @@ def checkpoint_format(path: str | Path, **hub_kwargs) -> str:
     archs = cfg.get("architectures") or []
     if archs and archs[0] in ARCHITECTURE_FORMATS:
         return ARCHITECTURE_FORMATS[archs[0]]
+    if cfg.get("model_type") in ORIGINAL_MODEL_TYPES:  # a LLaVA pretrain run: the base LLM's architectures
+        return "original-llava"
     raise ValueError(
         f"{path}: config.json has model_type={cfg.get('model_type')!r}, architectures={archs}; llavakit opens "
         f"model_type 'llavakit' and architectures {sorted(ARCHITECTURE_FORMATS)}"

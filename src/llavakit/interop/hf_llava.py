@@ -392,5 +392,5 @@ def import_hf_llava(path: str | Path, dtype: torch.dtype | str | None = None, **
     model.eval()
     processor = LlavakitProcessor(image_processor, tokenizer, chat_template=hp.chat_template,
                                   image_token=hp.image_token, image_seq_length=config.image_seq_length,
-                                  image_aspect=aspect)
+                                  image_aspect=aspect, tokenization="llm")  # LlavaProcessor: one string, bos by the tokenizer
     return model, processor

@@ -11,7 +11,16 @@ Such a checkpoint is the LLM's own folder with LLaVA's additions (facts from LLa
                   model.mm_projector.{0,2,...}.*    nn.Sequential(Linear, GELU, Linear, ...); "linear" is a
                                                     bare nn.Linear: model.mm_projector.{weight,bias}
                   model.vision_tower.vision_tower.vision_model.*   sometimes (a tuned tower)
-    mm_projector.bin    what a stage-1 (pretrain) run saves: only model.mm_projector.*
+    mm_projector.bin    what a stage-1 (pretrain) run saves: only model.mm_projector.*, next to a config.json
+                        written by `config.save_pretrained`: architectures still the base LLM's
+                        ["LlamaForCausalLM"], model_type "llava_llama", the mm_* fields, _name_or_path = the
+                        base LLM. No LLM weights and no tokenizer: those come from `llm=` (LLaVA's own loader
+                        likewise needs --model-base for such a folder).
+
+Prompts: LLaVA tokenizes around each <image> chunk by chunk (`tokenizer_image_token`: every chunk
+through the tokenizer with its special tokens, bos kept for the first chunk only), so with a SentencePiece
+Llama tokenizer the text after an image starts with its own "▁". The processor is built with
+``tokenization="llava"`` so that llavakit reproduces those ids.
 
 Original LLaVA marks images with the id -200 in code, so its tokenizer has no `<image>` token: we add
 one (and a pad token if missing) exactly as `llavakit.build` does, new embedding rows = mean of the old.
@@ -39,6 +48,17 @@ log = logging.getLogger(__name__)
 
 # LLaVA architecture -> model_type of the causal LM it wraps
 ORIGINAL_ARCHITECTURES: dict[str, str] = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
+
+# LLaVA's config model_type -> model_type of the causal LM. A pretrain (stage-1) run writes its config with
+# `config.save_pretrained`, not the model's, so config.json keeps the base LLM's architectures
+# (["LlamaForCausalLM"]) next to model_type "llava_llama" and the mm_* fields.
+ORIGINAL_MODEL_TYPES: dict[str, str] = {"llava_llama": "llama", "llava_mistral": "mistral"}
+STAGE1_ARCHITECTURES: dict[str, str] = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+# How LLaVA tokenizes a prompt (its `tokenizer_image_token`): the text between <image> markers chunk by chunk,
+# each chunk with the tokenizer's own special tokens (bos kept for the first chunk only). Recorded on the
+# processor so that llavakit feeds imported checkpoints the ids they were trained on.
+ORIGINAL_TOKENIZATION = "llava"
 
 # LLaVA's mm_projector_type -> llavakit projector (same maths, same names)
 ORIGINAL_PROJECTORS: dict[str, str] = {"linear": "linear", "identity": "identity",
@@ -127,17 +147,30 @@ def projector_state_dict(weights: dict[str, torch.Tensor], projector: str, sourc
     return out
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> tuple[dict, str]:
+    """config.json and the LLM family (model_type of the wrapped causal LM)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: pass the folder of an original-LLaVA checkpoint "
                                 "(the one holding config.json)")
     raw = json.loads(cfg_path.read_text())
     arch = (raw.get("architectures") or [None])[0]
-    if arch not in ORIGINAL_ARCHITECTURES:
-        raise ValueError(f"{cfg_path}: architectures {raw.get('architectures')} is not an original-LLaVA model; "
-                         f"known: {', '.join(ORIGINAL_ARCHITECTURES)}")
-    return raw
+    if arch in ORIGINAL_ARCHITECTURES:
+        return raw, ORIGINAL_ARCHITECTURES[arch]
+    model_type = raw.get("model_type")
+    if model_type in ORIGINAL_MODEL_TYPES and (arch is None or arch in STAGE1_ARCHITECTURES):
+        family = ORIGINAL_MODEL_TYPES[model_type]
+        if arch is not None and STAGE1_ARCHITECTURES[arch] != family:
+            raise ValueError(f"{cfg_path}: architectures {raw['architectures']} do not match "
+                             f"model_type {model_type!r}")
+        if "mm_vision_tower" not in raw:
+            raise ValueError(f"{cfg_path}: model_type {model_type!r} but no mm_vision_tower; it is not the config "
+                             "of a LLaVA run")
+        return raw, family  # a pretrain (stage-1) run: config.json + mm_projector.bin
+    raise ValueError(
+        f"{cfg_path}: architectures {raw.get('architectures')} (model_type {model_type!r}) is not an "
+        f"original-LLaVA model; known: architectures {', '.join(ORIGINAL_ARCHITECTURES)}, or a pretrain run's "
+        f"{'/'.join(STAGE1_ARCHITECTURES)} with model_type {'/'.join(ORIGINAL_MODEL_TYPES)}")
 
 
 def _lookup(table: dict, value, what: str, cfg_path: Path):
@@ -182,8 +215,8 @@ def _load_llm(path: Path, ckpt: dict, raw: dict, family: str, llm, dtype, hub_kw
     if not llm_weights:
         raise FileNotFoundError(
             f"{path} holds no language-model weights (a pretrain run saves only {PROJECTOR_BIN}); pass llm= "
-            f"(--llm): the hub id or folder of the LLM the run started from (config says "
-            f"{raw.get('_name_or_path')!r})"
+            f"(LLaVA's --model-base): the hub id or folder of the LLM the run started from (its config.json "
+            f"says _name_or_path={raw.get('_name_or_path')!r})"
         )
     text_config = _text_config(raw, family)
     lm_cls = AutoModelForCausalLM._model_mapping[type(text_config)]
@@ -219,25 +252,31 @@ def import_original_llava(path: str | Path, vision: str | Path | None = None, ll
                           **hub_kwargs):
     """Open an original-LLaVA checkpoint folder as a llavakit (model, processor) pair.
 
-    path           the checkpoint folder (config.json; LLM weights unless `llm` is given; tokenizer)
+    path           the checkpoint folder (config.json; LLM weights unless `llm` is given; tokenizer), or a
+                   pretrain run's folder (config.json + mm_projector.bin; then `llm` is required)
     vision         the CLIP tower (hub id or folder); default: config's mm_vision_tower
-    llm            where the LLM weights come from instead of `path` (a pretrain run has none: pass the
-                   LLM it started from)
+    llm            where the LLM weights (and, if `path` has none, the tokenizer) come from instead of
+                   `path`; a pretrain run has none: pass the LLM it started from (LLaVA's --model-base)
     projector_bin  a pretrain run's mm_projector.bin; default: the checkpoint's own projector weights,
                    else path/mm_projector.bin
     """
     path = Path(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    raw = _read_config(path)
+    raw, family = _read_config(path)
     cfg_path = path / "config.json"
-    family = ORIGINAL_ARCHITECTURES[raw["architectures"][0]]
     projector = _lookup(ORIGINAL_PROJECTORS, raw.get("mm_projector_type", "linear"), "mm_projector_type", cfg_path)
     aspect = _lookup(ORIGINAL_ASPECTS, raw.get("image_aspect_ratio", "square"), "image_aspect_ratio", cfg_path)
     select = _lookup({s: s for s in FEATURE_SELECT}, raw.get("mm_vision_select_feature", "patch"),
                      "mm_vision_select_feature", cfg_path)
     if "mm_vision_select_layer" not in raw:
         raise ValueError(f"{cfg_path} has no mm_vision_select_layer; it is not a LLaVA checkpoint config")
+    if raw.get("mm_use_im_start_end"):
+        raise ValueError(
+            f"{cfg_path}: mm_use_im_start_end=true is not supported. LLaVA then wraps every image as "
+            "<im_start><image><im_end> in code (training and inference) and keeps those two tokens' embeddings "
+            f"in {PROJECTOR_BIN} after stage 1; llavakit's templates, chat and eval write a bare <image>, so the "
+            "model would see prompts it was not trained on. (LLaVA-1.5 checkpoints have it false.)")
     vision = vision or raw.get("mm_vision_tower")
     if not vision:
         raise ValueError(f"{cfg_path} has no mm_vision_tower; pass vision= (the CLIP tower's hub id or folder)")
@@ -286,12 +325,9 @@ def import_original_llava(path: str | Path, vision: str | Path | None = None, ll
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.vision_tower.requires_grad_(False)
     model.eval()
-    if raw.get("mm_use_im_start_end"):
-        log.warning("%s was trained with mm_use_im_start_end: write each image as <im_start><image><im_end> "
-                    "in prompts", path)
     log.info("imported original LLaVA %s: LLM from %s, projector %s from %s, tower %s%s", path, llm_source,
              projector, proj_source, vision, " (tuned weights from the checkpoint)" if tuned_tower else "")
     processor = LlavakitProcessor(image_processor, tokenizer, image_token=IMAGE_TOKEN,
                                   image_seq_length=config.image_seq_length, image_aspect=aspect,
-                                  chat_template=tokenizer.chat_template)
+                                  chat_template=tokenizer.chat_template, tokenization=ORIGINAL_TOKENIZATION)
     return model, processor

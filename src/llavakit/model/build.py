@@ -182,7 +182,7 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavakitProcessor(image_processor, tokenizer, image_token=IMAGE_TOKEN,
                                   image_seq_length=config.image_seq_length, image_aspect=image_aspect,
-                                  chat_template=tokenizer.chat_template)
+                                  chat_template=tokenizer.chat_template, tokenization="llm")
     log.info("built llavakit model: %s + %s, projector %s, %d tokens per image",
              vision, llm, projector, config.image_seq_length)
     return model, processor

@@ -21,7 +21,7 @@ class LlavakitPreTrainedModel(PreTrainedModel):
     config_class = LlavakitConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -128,32 +128,50 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         image_features: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
+        cache=None,
         **kwargs,
     ):
         """Causal-LM outputs. With `labels` and `supervised_logits_only=True` the LM head runs only
         at supervised positions (most LLaVA tokens are image or prompt tokens), the loss is the same
-        and `logits` is None."""
+        and `logits` is None.
+
+        The KV cache comes as `cache` (transformers >= 5.24's name) or `past_key_values` (before);
+        it is handed to the LLM under the one name the LLM's own forward takes."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_features, past_key_values, vision_features)
-        if use_cache is None and past_key_values is None and (
+            inputs_embeds = self.embed(input_ids, pixel_values, image_features, cache, vision_features)
+        if use_cache is None and cache is None and (
                 self.training or (attention_mask is None and position_ids is not None)):
             # No KV cache in training, and none for padding-free packed rows: transformers only
             # detects packed sequences (position ids restarting) when no cache is being built.
             use_cache = False
         if supervised_logits_only and labels is not None:
             return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
+        if cache is not None:
+            kwargs[self._lm_cache_arg()] = cache
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _lm_cache_arg(self) -> str:
+        """The keyword the LLM's forward takes its KV cache by: ``cache`` (transformers >= 5.24) or
+        ``past_key_values``. Read off the signature, so a PEFT wrapper or an older release both work."""
+        import inspect
+
+        lm = self.language_model
+        base = getattr(lm, "get_base_model", lambda: lm)()
+        params = inspect.signature(type(base).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, num_items_in_batch=None,
                          **kwargs):

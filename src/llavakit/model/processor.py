@@ -4,6 +4,11 @@ Every ``<image>`` in the text becomes exactly ``image_seq_length`` placeholder i
 features the model's projector emits per image), so the model only has to scatter. Images are
 preprocessed by the vision encoder's own image processor, optionally after LLaVA's ``pad`` step
 (expand to a square filled with the processor's mean colour, so nothing is cropped away).
+
+``tokenization`` records how the checkpoint was trained to see text (`llavakit.data.tokenize`):
+``llm`` and ``text`` tokenize a text in one piece (with ``add_special_tokens`` as given), ``llava``
+tokenizes the chunks between images separately, as original LLaVA's ``tokenizer_image_token``.
+A processor config without the field is an older llavakit checkpoint and gets ``text``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+
+from llavakit.data.tokenize import LEGACY_TOKENIZATION, added_special_ids, check_tokenization
 
 IMAGE_ASPECTS = ("resize", "pad")
 
@@ -42,9 +49,10 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 class LlavakitProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = "<image>",
                  image_seq_length: int = 1, image_aspect: str = "resize", template: str | None = None,
-                 **kwargs):
+                 tokenization: str = LEGACY_TOKENIZATION, **kwargs):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect={image_aspect!r} is not one of {list(IMAGE_ASPECTS)}")
+        self.tokenization = check_tokenization(tokenization)
         self.image_token = image_token
         self.image_seq_length = int(image_seq_length)
         self.image_aspect = image_aspect
@@ -81,7 +89,10 @@ class LlavakitProcessor(ProcessorMixin):
                 f"the text has {sum(counts)} {self.image_token} marker(s) but {len(flat_images)} image(s) were "
                 "given; put exactly one marker where each image belongs"
             )
-        ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        if self.tokenization == "llava":
+            ids = [self.chunked_ids(t, add_special_tokens) for t in texts]
+        else:
+            ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         ids = [expand_image_tokens(row, self.image_token_id, self.image_seq_length) for row in ids]
         data = self.pad(ids, padding_side=padding_side) if padding else {"input_ids": ids}
         if flat_images:
@@ -91,6 +102,21 @@ class LlavakitProcessor(ProcessorMixin):
         if return_tensors == "pt" and not padding and len(ids) > 1:
             raise ValueError("return_tensors='pt' with several texts needs padding=True")
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def chunked_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Original LLaVA's ``tokenizer_image_token``: each chunk between images tokenized as a text
+        of its own, the tokenizer's prefix (bos) kept for the first chunk only; one image id per image."""
+        prefix, suffix = added_special_ids(self.tokenizer) if add_special_tokens else ([], [])
+        chunks = self.tokenizer(text.split(self.image_token), add_special_tokens=add_special_tokens)["input_ids"]
+        out: list[int] = []
+        for i, ids in enumerate(chunks):
+            ids = list(ids)
+            if i and prefix and ids[:len(prefix)] == prefix:
+                ids = ids[len(prefix):]
+            if suffix and ids[len(ids) - len(suffix):] == suffix:
+                ids = ids[:len(ids) - len(suffix)]
+            out += ([self.image_token_id] if i else []) + ids
+        return out
 
     def pad(self, ids: list[list[int]], padding_side: str | None = None) -> dict:
         side = padding_side or self.tokenizer.padding_side
