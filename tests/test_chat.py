@@ -200,3 +200,33 @@ def test_chat_in_a_pty(saved_model, generator, images):
     finally:
         code = term.close()
     assert code == 0, term.log
+
+
+def test_library_warnings_go_to_the_log_not_the_terminal(tmp_path, capfd):
+    """Whatever transformers or torch warn about while chatting lands in the log file; the terminal
+    shows only the conversation."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from llavakit.infer.logs import route_library_warnings
+
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
+             for n in ("py.warnings", "transformers", "torch", "accelerate", "peft", "huggingface_hub")}
+    try:
+        path = route_library_warnings("chat", tmp_path / "chat.log")
+        warnings.warn("Both `past_key_values` and `cache` are set", FutureWarning)
+        hf_logging.get_logger("transformers.generation.utils").warning("a generation-config warning")
+        for h in logging.getLogger("transformers").handlers:
+            h.flush()
+        out, err = capfd.readouterr()
+        assert "past_key_values" not in out + err and "generation-config" not in out + err
+        log = path.read_text()
+        assert "past_key_values" in log and "a generation-config warning" in log
+    finally:
+        logging.captureWarnings(False)
+        hf_logging.enable_default_handler()
+        for n, (handlers, propagate) in saved.items():
+            logging.getLogger(n).handlers[:] = handlers
+            logging.getLogger(n).propagate = propagate

@@ -275,3 +275,25 @@ def test_cached_vision_features_give_the_same_logits_as_pixels(tiny_built):
         ref = model(**batch).logits
         got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], vision_features=feats).logits
     torch.testing.assert_close(got, ref)
+
+
+def test_kv_cache_is_accepted_under_both_names_without_warnings(tiny_built):
+    """transformers >= 5.24 passes the KV cache as `cache`, older releases as `past_key_values`; both
+    give the same next-token logits as a full forward, and no deprecation warning is raised."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    model, processor = tiny_built
+    ids = processor(text="USER: <image>\nWhat? ASSISTANT:", images=[Image.new("RGB", (40, 30), "red")],
+                    return_tensors="pt")
+    full_ids = torch.cat([ids["input_ids"], torch.tensor([[5]])], dim=1)
+    with torch.no_grad():
+        want = model(input_ids=full_ids, pixel_values=ids["pixel_values"]).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            kv = DynamicCache(config=model.config.text_config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model(input_ids=ids["input_ids"], pixel_values=ids["pixel_values"], use_cache=True, **{name: kv})
+                got = model(input_ids=torch.tensor([[5]]), use_cache=True, **{name: kv}).logits[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
