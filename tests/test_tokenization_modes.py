@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
+from PIL import Image
 from hypothesis import strategies as st
 
 from llavakit.data.conversation import IMAGE_MARKER, Conversation, Turn
@@ -154,3 +155,33 @@ def test_llm_mode_keeps_the_first_words_word_start_marker(tmp_path):
              for m in TOKENIZATIONS}
     assert first["llm"] == first["llava"] == ["<s>", "▁A"]
     assert first["text"] == ["<s>", "A"]
+
+
+def test_the_mode_is_saved_and_an_old_checkpoint_keeps_its_own(tiny_built, tmp_path):
+    """build() records ``llm``; a processor config written before the field existed loads as ``text``
+    and prompts the way that checkpoint was trained (bos as text, add_special_tokens=False)."""
+    import json
+
+    import llavakit
+    from llavakit.infer.generate import Generator
+
+    model, processor = tiny_built
+    assert processor.tokenization == "llm"
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    _, again = llavakit.load(tmp_path / "m")
+    assert again.tokenization == "llm"
+
+    cfg_path = tmp_path / "m" / "processor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["tokenization"]
+    cfg_path.write_text(json.dumps(cfg))
+    old_model, old = llavakit.load(tmp_path / "m")
+    assert old.tokenization == "text"
+    turns = [Turn("user", IMAGE_MARKER + "\nWhat is shown?")]
+    gen = Generator(old_model, old, template="vicuna_v1")
+    got = gen.encode([turns], [[Image.new("RGB", (8, 8))]])["input_ids"][0].tolist()
+    text = gen.template.render_prompt(turns)
+    want = old.tokenizer(text, add_special_tokens=False)["input_ids"]
+    image_id = old.image_token_id
+    assert got == [x for t in want for x in ([image_id] * old.image_seq_length if t == image_id else [t])]
