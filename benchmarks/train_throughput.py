@@ -14,7 +14,7 @@ llavakit's; its work per step is the same model on the same tokens). Images are 
 collator, in the main process (``dataloader_num_workers=0``).
 
 llavakit: a thin harness over ``train/loop.py``'s own pieces (``assemble``, ``prepare_data``,
-``apply_stage``, ``epoch_order``, ``make_loader``, ``_collator``, ``_step``), so each step is the
+``apply_stage``, ``epoch_order``, ``make_loader``, ``make_collator``, ``optimizer_step``), so each step is the
 trainer's step, timed one by one. Each switch is a row: length grouping (``data.group_by_length``),
 supervised-only logits (``train.supervised_logits_only``), padding-free packing (``data.packing``),
 image decoding in dataloader workers (``data.num_workers``) and, for stage 1, the frozen-vision
@@ -318,8 +318,8 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     from transformers import get_scheduler
 
     from llavakit.train.config import load_config
-    from llavakit.train.loop import (_collator, _step, epoch_order, make_loader, make_optimizer, prepare_data,
-                                     rank_batches)
+    from llavakit.train.loop import (epoch_order, make_collator, make_loader, make_optimizer, optimizer_step,
+                                     prepare_data, rank_batches)
     from llavakit.train.recipes import apply_stage, assemble
 
     tmp = Path(tempfile.mkdtemp(prefix="llavakit-bench-"))
@@ -341,7 +341,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     processor.template = template
     dataset = prepare_data(cfg, processor, say=quiet)
     model, groups = apply_stage(model, cfg)
-    collator = _collator(cfg, processor)
+    collator = make_collator(cfg, processor)
     extra = {}
     if row.cache:
         from llavakit.train.feature_cache import attach_feature_cache
@@ -373,7 +373,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
             samples += len(idx)
             real += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
             slots += mb["input_ids"].numel()
-        _step(accelerator, model, optimizer, scheduler, [mb], cfg.train, 1)
+        optimizer_step(accelerator, model, optimizer, scheduler, [mb], cfg.train, 1)
         if i == len(warm) - 1:
             meter.start()
     meter.stop()

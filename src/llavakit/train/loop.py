@@ -27,9 +27,12 @@ import torch
 from .checkpoint import (install_hooks, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint)
 from .config import ConfigError, RunConfig
 from .recipes import PROJECTOR_FILE, apply_stage, assemble, trainable_table
+from .runlog import (LOSS_LOG, append_loss, flat_config, guard_output_dir, plot_losses, progress_bar, read_losses,
+                     trackers, truncate_loss_log)
 
+__all__ = ["train", "prepare_data", "epoch_order", "rank_batches", "make_loader", "make_optimizer", "make_collator",
+           "optimizer_step", "save_final", "supervised_count", "read_losses", "plot_losses", "LOSS_LOG"]
 log = logging.getLogger(__name__)
-LOSS_LOG = "losses.jsonl"
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -141,7 +144,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
 
     t = cfg.train
     run_dir = Path(t.output_dir)
-    log_with = _trackers(t.report_to)
+    log_with = trackers(t.report_to)
     accelerator = Accelerator(
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision],
         log_with=log_with, project_dir=str(run_dir),
@@ -153,7 +156,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     say = print if main else (lambda *a, **k: None)
 
     if main:
-        _guard_output_dir(run_dir, resume)
+        guard_output_dir(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
@@ -165,7 +168,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model, groups = apply_stage(model, cfg)
     say(trainable_table(model, groups))
 
-    collator = _collator(cfg, processor)
+    collator = make_collator(cfg, processor)
     if cfg.data.feature_cache:  # frozen vision: tower outputs computed once, then read from disk
         from .feature_cache import attach_feature_cache
 
@@ -181,7 +184,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     install_hooks(accelerator, accelerator.unwrap_model)
     if log_with:
-        accelerator.init_trackers("llavakit", config=_flat(cfg.to_dict()))
+        accelerator.inittrackers("llavakit", config=flat_config(cfg.to_dict()))
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     if resume:
@@ -193,11 +196,11 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             state = load_checkpoint(accelerator, ckpt)
             say(f"resumed from {ckpt} (step {state['step']}, epoch {state['epoch']})")
     if main:
-        _truncate_loss_log(run_dir / LOSS_LOG, state["step"])
+        truncate_loss_log(run_dir / LOSS_LOG, state["step"])
 
     say(f"training: {len(dataset)} samples, {total_steps} steps of {t.batch_size} x {world} process(es) x "
         f"{t.grad_accum} accumulation = {t.batch_size * world * t.grad_accum} samples/step")
-    bar = _progress(total_steps, state["step"], main)
+    bar = progress_bar(total_steps, state["step"], main)
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     while state["step"] < total_steps:
@@ -210,7 +213,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             if not window:  # defensive: an exhausted epoch moves to the next one
                 state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
                 break
-            loss, real_tokens = _step(accelerator, model, optimizer, scheduler, window, t, world)
+            loss, real_tokens = optimizer_step(accelerator, model, optimizer, scheduler, window, t, world)
             state["step"] += 1
             state["micro_in_epoch"] += len(window)
             if state["micro_in_epoch"] >= len(epoch_batches):  # epoch done: the next step starts a new one
@@ -219,7 +222,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             tokens_since += real_tokens
             lr = scheduler.get_last_lr()[0]
             if main:
-                _append_loss(run_dir / LOSS_LOG, state["step"], loss, lr)
+                append_loss(run_dir / LOSS_LOG, state["step"], loss, lr)
             if state["step"] % max(1, t.log_every) == 0 or state["step"] == total_steps:
                 now = time.perf_counter()
                 tps = tokens_since / max(now - t_last, 1e-9)
@@ -233,7 +236,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    saved = _save_final(accelerator, model, processor, cfg, run_dir)
+    saved = save_final(accelerator, model, processor, cfg, run_dir)
     accelerator.end_training()
     if world == 1:  # let a later run in this process (e.g. stage 2 after stage 1) choose its own precision
         from accelerate.state import AcceleratorState
@@ -246,7 +249,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def _step(accelerator, model, optimizer, scheduler, window, t, world) -> tuple[float, int]:
+def optimizer_step(accelerator, model, optimizer, scheduler, window, t, world) -> tuple[float, int]:
     """One optimizer step over an accumulation window; loss = Σ CE / supervised tokens of the global batch."""
     device = accelerator.device
     local = sum(supervised_count(mb["labels"]) for mb in window).to(device)
@@ -270,7 +273,8 @@ def _step(accelerator, model, optimizer, scheduler, window, t, world) -> tuple[f
     return float(accelerator.reduce(total, reduction="sum")), real
 
 
-def _collator(cfg: RunConfig, processor):
+def make_collator(cfg: RunConfig, processor):
+    """The batch collator the recipe asks for: padding-free packing or right padding."""
     from llavakit.data.collate import PackingCollator, PadCollator
 
     if cfg.data.packing:
@@ -278,7 +282,7 @@ def _collator(cfg: RunConfig, processor):
     return PadCollator(processor.tokenizer.pad_token_id, padding_side="right")
 
 
-def _save_final(accelerator, model, processor, cfg: RunConfig, run_dir: Path) -> dict:
+def save_final(accelerator, model, processor, cfg: RunConfig, run_dir: Path) -> dict:
     """Stage 1 keeps only the projector; full finetunes a complete model; LoRA the adapter + projector."""
     from safetensors.torch import save_file
 
@@ -305,84 +309,3 @@ def _save_final(accelerator, model, processor, cfg: RunConfig, run_dir: Path) ->
         processor.save_pretrained(run_dir / "model")
         saved["model"] = str(run_dir / "model")
     return saved
-
-
-# --- logging helpers ----------------------------------------------------------------------------
-def _guard_output_dir(run_dir: Path, resume: bool) -> None:
-    has_run = run_dir.is_dir() and any(
-        (run_dir / n).exists() for n in ("model", PROJECTOR_FILE, "adapter", LOSS_LOG)
-    ) or bool(latest_checkpoint(run_dir))
-    if has_run and not resume:
-        raise ConfigError(
-            f"{run_dir} already holds a training run; pass --resume to continue it, or set "
-            "train.output_dir to a new folder (nothing is overwritten)"
-        )
-
-
-def _trackers(report_to: str):
-    if report_to == "none":
-        return None
-    if report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            log.warning("tensorboard is not installed (pip install 'llavakit[tensorboard]'); not logging to it")
-            return None
-    return report_to
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _append_loss(path: Path, step: int, loss: float, lr: float) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-
-
-def _truncate_loss_log(path: Path, step: int) -> None:
-    """On resume drop entries past the checkpoint: they are re-done identically."""
-    if not path.is_file():
-        return
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-
-
-def read_losses(path: Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-
-
-def plot_losses(log_path: Path, png: Path, title: str = "") -> Path | None:
-    if not log_path.is_file():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_losses(log_path)
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over supervised tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
