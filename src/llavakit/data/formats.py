@@ -21,164 +21,33 @@ marker counts, images on disk, ...) is `llavakit.data.validate`'s job.
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from PIL import Image
 
 from .conversation import IMAGE_MARKER, Conversation, Problem, SampleError, Turn
+from .sources import (FORMATS, DataSourceError, RowError, container_kind, describe_source, hf_dataset, hf_rows,
+                      json_rows)
+from .writers import ROW_SCHEMAS, write_conversations
+
+__all__ = ["FORMATS", "ROW_SCHEMAS", "DataSourceError", "detect_format", "iter_conversations", "load_conversations",
+           "parse_row", "write_conversations"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "llava", "messages", "hf")
-ROW_SCHEMAS = ("llava", "messages")
 # Accepted role spellings -> our roles. Exact keys only: an unknown role is an error, never a guess.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 KNOWN_KEYS = {
     "llava": {"id", "image", "images", "conversations", "conversation"},
     "messages": {"id", "image", "images", "messages"},
 }
-_JSON_SUFFIXES = (".json", ".jsonl")
-_HF_SUFFIXES = (".parquet", ".arrow")
 
 
-class DataSourceError(ValueError):
-    """The source as a whole cannot be read (missing file, unknown format, broken JSON array)."""
-
-
-class _RowError(Exception):
-    def __init__(self, reason: str, hint: str, id: str | None = None):
-        self.reason, self.hint, self.id = reason, hint, id
-
-
-# --- containers ---------------------------------------------------------------------------------
-def _is_hf_object(source: Any) -> bool:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        return False
-    return isinstance(source, (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict,
-                               datasets.IterableDatasetDict))
-
-
-def _container(source: Any, format: str) -> str:
-    if isinstance(source, (list, tuple)):
-        return "list"
-    if _is_hf_object(source):
-        return "hf"
-    path = Path(source)
-    if not path.exists():
-        raise DataSourceError(f"{path}: no such file or folder")
-    if path.is_dir() or path.suffix.lower() in _HF_SUFFIXES or format == "hf":
-        return "hf"
-    if path.suffix.lower() in _JSON_SUFFIXES:
-        return "json"
-    raise DataSourceError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
-                          f"use .json/.jsonl, a datasets folder or parquet, or pass --format {'|'.join(FORMATS[1:])}")
-
-
-def _first_line(path: Path) -> str:
-    with path.open(encoding="utf-8-sig") as f:
-        return next((line.strip() for line in f if line.strip()), "")
-
-
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(index, row) pairs; a row that is not valid JSON comes back as a `_RowError`.
-
-    A JSON array is indexed by position, JSONL by line (index = line number - 1) and read lazily,
-    line by line. A ``.json`` that is really JSONL, or the reverse, is read for what it is.
-    """
-    first = _first_line(path)
-    if first.startswith("[") or (first.startswith("{") and not _parses(first)):
-        text = path.read_text(encoding="utf-8-sig")
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as e:
-            if first.startswith("["):
-                raise DataSourceError(
-                    f"{path}: unreadable JSON at line {e.lineno} column {e.colno}: {e.msg}; "
-                    "fix the file (a JSON array must parse as a whole) or convert it to JSONL") from None
-            whole = None  # JSONL whose first line is broken
-        if isinstance(whole, list):
-            yield from enumerate(whole)
-            return
-        if isinstance(whole, dict):  # one pretty-printed object
-            yield 0, whole
-            return
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno - 1, json.loads(line)
-            except json.JSONDecodeError as e:
-                # Salvage the id from the broken text, so the report can still name the sample.
-                m = re.search(r'"id"\s*:\s*"?([^",}]*)', line)
-                yield lineno - 1, _RowError(
-                    f"unreadable json: line {lineno}, column {e.colno}: {e.msg}",
-                    f"fix line {lineno} of {path.name} (each JSONL line must be one complete JSON object)",
-                    id=m.group(1) if m else None)
-
-
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _hf_dataset(source: Any, split: str, streaming: bool):
-    import datasets
-
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            source = datasets.load_from_disk(str(path))
-        elif path.is_dir():
-            source = datasets.load_dataset(str(path), split=split, streaming=streaming)
-        else:
-            builder = {".json": "json", ".jsonl": "json"}.get(path.suffix.lower(), path.suffix.lower().lstrip("."))
-            source = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
-    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        if split not in source:
-            raise DataSourceError(f"the dataset has no split {split!r}; splits: {sorted(source)}")
-        source = source[split]
-    if streaming and isinstance(source, datasets.Dataset):
-        source = source.to_iterable_dataset()
-    return source
-
-
-def _hf_rows(ds) -> Iterator[tuple[int, Any]]:
-    """Rows as plain dicts. Through the arrow format, image columns stay ``{"bytes", "path"}``:
-    nothing is decoded here, workers decode later."""
-    try:
-        batches = ds.with_format("arrow").iter(batch_size=256)
-    except Exception:  # a dataset that cannot be formatted as arrow: plain rows (images as PIL)
-        yield from enumerate(ds)
-        return
-    index = 0
-    for table in batches:
-        for row in table.to_pylist():
-            yield index, row
-            index += 1
-
-
-def _describe_source(source: Any) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    if isinstance(source, (list, tuple)):
-        return "<list>"
-    name = getattr(getattr(source, "info", None), "dataset_name", None)
-    return f"<{type(source).__name__}{' ' + name if name else ''}>"
-
-
+# --- schemas ----------------------------------------------------------------------------------
 def _schema_of(row: Any) -> str | None:
     if isinstance(row, dict):
         if "conversations" in row or "conversation" in row:
@@ -206,16 +75,16 @@ def _detect_schema(rows: Iterator, label: str, peek: int = 100) -> tuple[str, It
 
 def detect_format(source: Any) -> str:
     """'llava' or 'messages' for JSON/JSONL files and lists (from the first row); 'hf' for datasets."""
-    container = _container(source, "auto")
+    container = container_kind(source, "auto")
     if container == "hf":
         return "hf"
-    rows = _json_rows(Path(source)) if container == "json" else enumerate(source)
-    return _detect_schema(iter(rows), _describe_source(source))[0]
+    rows = json_rows(Path(source)) if container == "json" else enumerate(source)
+    return _detect_schema(iter(rows), describe_source(source))[0]
 
 
 # --- rows -> conversations ----------------------------------------------------------------------
-def _wrong_type(what: str, value: Any, expected: str) -> _RowError:
-    return _RowError(f"wrong type: {what} is {type(value).__name__}, expected {expected}",
+def _wrong_type(what: str, value: Any, expected: str) -> RowError:
+    return RowError(f"wrong type: {what} is {type(value).__name__}, expected {expected}",
                      f"make {what} {expected}")
 
 
@@ -224,7 +93,7 @@ def _role(name: Any, where: str) -> str:
         raise _wrong_type(where, name, "a string")
     role = ROLE_NAMES.get(name.strip().lower())
     if role is None:
-        raise _RowError(f"unknown role: {where} is {name!r}", f"use one of {sorted(ROLE_NAMES)}")
+        raise RowError(f"unknown role: {where} is {name!r}", f"use one of {sorted(ROLE_NAMES)}")
     return role
 
 
@@ -246,7 +115,7 @@ def _llava_turns(raw: Any, key: str) -> list[Turn]:
             continue
         for field in ("from", "value"):
             if field not in t:
-                raise _RowError(f"missing key: {key}[{k}] has no '{field}'",
+                raise RowError(f"missing key: {key}[{k}] has no '{field}'",
                                 "every turn needs 'from' (human/gpt/system) and 'value'")
         if not isinstance(t["value"], str):
             raise _wrong_type(f"{key}[{k}].value", t["value"], "a string")
@@ -264,7 +133,7 @@ def _message_turns(raw: Any) -> tuple[list[Turn], list[Any]]:
             raise _wrong_type(f"messages[{k}]", m, "an object")
         for field in ("role", "content"):
             if field not in m:
-                raise _RowError(f"missing key: messages[{k}] has no '{field}'",
+                raise RowError(f"missing key: messages[{k}] has no '{field}'",
                                 "every message needs 'role' (user/assistant/system) and 'content'")
         role, content = _role(m["role"], f"messages[{k}].role"), m["content"]
         if isinstance(content, list):
@@ -279,7 +148,7 @@ def _message_turns(raw: Any) -> tuple[list[Turn], list[Any]]:
                 elif kind == "text":
                     pieces.append(part.get("text") or "")
                 else:
-                    raise _RowError(f"wrong type: messages[{k}].content[{j}] is not an image or text part",
+                    raise RowError(f"wrong type: messages[{k}].content[{j}] is not an image or text part",
                                     "use {'type': 'image'} or {'type': 'text', 'text': ...} parts")
             content = "\n".join(pieces)
         elif not isinstance(content, str):
@@ -298,7 +167,7 @@ def _image_ref(value: Any, where: str, base: str | None) -> Any:
     if isinstance(value, (str, Path)):
         value = str(value)
         if not value.strip():
-            raise _RowError(f"wrong type: {where} is an empty path", "give the image's file name or drop the key")
+            raise RowError(f"wrong type: {where} is an empty path", "give the image's file name or drop the key")
         if "://" in value or os.path.isabs(value):
             return value
         return os.path.abspath(os.path.join(base or os.getcwd(), value))
@@ -312,7 +181,7 @@ def _empty_list(value: Any) -> bool:
 def _images(row: dict, base: str | None) -> list[Any]:
     given = {k: row[k] for k in ("image", "images") if row.get(k) is not None and not _empty_list(row[k])}
     if len(given) == 2:
-        raise _RowError("wrong type: the row has both 'image' and 'images'", "keep one of them")
+        raise RowError("wrong type: the row has both 'image' and 'images'", "keep one of them")
     if not given:
         return []
     key, value = given.popitem()
@@ -333,7 +202,7 @@ def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_fold
         problems.append(Problem(index, sid, severity, reason, hint, source))
 
     try:
-        if isinstance(row, _RowError):
+        if isinstance(row, RowError):
             raise row
         if not isinstance(row, dict):
             raise _wrong_type("the row", row, "a JSON object")
@@ -342,19 +211,19 @@ def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_fold
         if schema == "llava":
             key = "conversations" if "conversations" in row else "conversation" if "conversation" in row else None
             if key is None:
-                raise _RowError(f"missing key: no 'conversations' list (keys: {sorted(row)})",
+                raise RowError(f"missing key: no 'conversations' list (keys: {sorted(row)})",
                                 "a llava row needs 'conversations': [{'from': 'human'|'gpt', 'value': ...}]")
             turns, inline = _llava_turns(row[key], key), []
         else:
             if "messages" not in row:
-                raise _RowError(f"missing key: no 'messages' list (keys: {sorted(row)})",
+                raise RowError(f"missing key: no 'messages' list (keys: {sorted(row)})",
                                 "a messages row needs 'messages': [{'role': 'user'|'assistant', 'content': ...}]")
             turns, inline = _message_turns(row["messages"])
         images = _images(row, image_folder)
         if inline and images:
-            raise _RowError("wrong type: images given both inline in content parts and in 'images'", "keep one of them")
+            raise RowError("wrong type: images given both inline in content parts and in 'images'", "keep one of them")
         images = images or [_image_ref(v, "an inline image part", image_folder) for v in inline]
-    except _RowError as e:
+    except RowError as e:
         sid = sid if sid is not None else e.id
         problem("error", e.reason, e.hint)
         return None, problems
@@ -390,15 +259,15 @@ def iter_conversations(source: Any, format: str = "auto", image_folder: str | os
         raise ValueError(f"unknown format {format!r}; valid: {list(FORMATS)}")
     if on_error not in ("raise", "collect"):
         raise ValueError(f"on_error must be 'raise' or 'collect', not {on_error!r}")
-    container = _container(source, format)
-    label = _describe_source(source)
+    container = container_kind(source, format)
+    label = describe_source(source)
     if container == "json":
-        rows: Iterator = iter(_json_rows(Path(source)))
+        rows: Iterator = iter(json_rows(Path(source)))
         base = os.path.abspath(image_folder or Path(source).parent)
     elif container == "list":
         rows, base = iter(enumerate(source)), os.path.abspath(image_folder or os.getcwd())
     else:
-        rows = _hf_rows(_hf_dataset(source, split, streaming))
+        rows = hf_rows(hf_dataset(source, split, streaming))
         local = isinstance(source, (str, Path)) and Path(source).is_dir()
         base = os.path.abspath(image_folder or (source if local else os.getcwd()))
     schema = format if format in ROW_SCHEMAS else None
@@ -426,67 +295,3 @@ def load_conversations(source: Any, format: str = "auto", image_folder: str | os
     convs = list(iter_conversations(source, format, image_folder, on_error=on_error, problems=problems,
                                     split=split, streaming=streaming))
     return convs, problems
-
-
-def _write_ref(ref: Any, base: Path, stem: str, conv: Conversation, k: int) -> str:
-    """A path string for `ref`, relative to `base`; embedded images are saved under it first."""
-    if isinstance(ref, dict):  # a datasets {"bytes", "path"} value
-        ref = ref.get("bytes") or ref.get("path")
-    if isinstance(ref, str):
-        if "://" in ref:
-            return ref
-        rel = os.path.relpath(ref, base)
-        return ref if rel.startswith("..") else rel
-    folder = base / f"{stem}_images"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{conv.index:07d}_{k}"
-    if isinstance(ref, bytes):
-        with Image.open(io.BytesIO(ref)) as im:  # keep the encoded bytes; only sniff the extension
-            ext = (im.format or "bin").lower()
-        (folder / f"{name}.{ext}").write_bytes(ref)
-        return f"{folder.name}/{name}.{ext}"
-    if isinstance(ref, Image.Image):
-        ref.save(folder / f"{name}.png")
-        return f"{folder.name}/{name}.png"
-    raise TypeError(f"{conv.label}: cannot write image reference of type {type(ref).__name__}")
-
-
-_LLAVA_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
-
-
-def write_conversations(conversations: Iterable[Conversation], out_path: str | os.PathLike, to: str = "llava",
-                        image_folder: str | os.PathLike | None = None) -> int:
-    """Write conversations as a llava or messages ``.json`` array / ``.jsonl`` file; returns the count.
-
-    Image paths are written relative to `image_folder` (default: the output file's folder), i.e.
-    what to pass as ``--image-folder`` when reading the output. Images held as bytes or PIL (from
-    a datasets source) are saved as files under it.
-    """
-    if to not in ROW_SCHEMAS:
-        raise ValueError(f"unknown output format {to!r}; valid: {list(ROW_SCHEMAS)}")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    base = Path(os.path.abspath(image_folder or out.parent))
-    rows = []
-    for conv in conversations:
-        images = [_write_ref(ref, base, out.stem, conv, k) for k, ref in enumerate(conv.images)]
-        row: dict[str, Any] = {} if conv.id is None else {"id": conv.id}
-        if to == "llava":
-            if len(images) == 1:
-                row["image"] = images[0]
-            elif images:
-                row["images"] = images
-            row["conversations"] = [{"from": _LLAVA_ROLES[t.role], "value": t.content} for t in conv.turns]
-        else:
-            row["messages"] = [{"role": t.role, "content": t.content} for t in conv.turns]
-            if images:
-                row["images"] = images
-        rows.append(row)
-    with out.open("w", encoding="utf-8") as f:
-        if out.suffix.lower() == ".jsonl":
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            json.dump(rows, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-    return len(rows)
