@@ -49,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        print(f"llavakit {name}: not available in this version yet", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     if hasattr(module, "parse"):  # commands with free-form extras (train's --section.key=value)
         args = module.parse(rest)
     else:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .conversation import Conversation, Problem, SampleError
+from .images import open_image
 from .templates import Template, get_template
 from .tokenize import IGNORE_INDEX, OverlongError, encode
 
@@ -51,27 +52,6 @@ class DatasetReport:
         return text
 
 
-def _fallback_open_image(ref):
-    """Minimal decoder used only when llavakit.data.images is unavailable."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB") if ref.mode != "RGB" else ref
-    if isinstance(ref, (bytes, bytearray)):
-        return Image.open(io.BytesIO(ref)).convert("RGB")
-    return Image.open(ref).convert("RGB")
-
-
-def _default_image_loader() -> Callable:
-    try:
-        from .images import open_image
-    except ImportError:  # pragma: no cover - only while images.py is being written
-        return _fallback_open_image
-    return open_image
-
-
 class SupervisedDataset(Dataset):
     """Items: ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n,3,H,W] | None}``.
 
@@ -86,7 +66,7 @@ class SupervisedDataset(Dataset):
         self.processor = processor
         tokenizer = processor.tokenizer
         self.template = get_template(template, tokenizer) if isinstance(template, str) else template
-        self.image_loader = image_loader or _default_image_loader()
+        self.image_loader = image_loader or open_image
         self.report = DatasetReport(total=len(conversations))
         self._convs: list[Conversation] = []
         self._ids: list[np.ndarray] = []  # [L] int32 each

@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 
 from ..model.build import (IMAGE_TOKEN, _add_tokens_and_resize, _check_loading, count_prefix_tokens,
                            load_language_model, load_vision_tower)
-from ..model.config import FEATURE_SELECT, LlavakitConfig
+from ..model.config import FEATURE_SELECT, LlavakitConfig, parse_dtype
 from ..model.modeling import LlavakitForConditionalGeneration
 from ..model.processor import LlavakitProcessor
 from .hf_llava import SAFE_INDEX, SAFE_WEIGHTS, legacy_tower_prefix
@@ -261,8 +261,7 @@ def import_original_llava(path: str | Path, vision: str | Path | None = None, ll
                    else path/mm_projector.bin
     """
     path = Path(path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
     raw, family = _read_config(path)
     cfg_path = path / "config.json"
     projector = _lookup(ORIGINAL_PROJECTORS, raw.get("mm_projector_type", "linear"), "mm_projector_type", cfg_path)

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .config import LlavakitConfig
+from ..data.conversation import IMAGE_MARKER
+from .config import LlavakitConfig, parse_dtype
 from .modeling import LlavakitForConditionalGeneration
 from .processor import LlavakitProcessor
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_MARKER  # the one marker text, defined with the conversation
 PAD_TOKEN = "<pad>"
 
 # Weights of the *other* tower of a dual encoder (CLIP/SigLIP text side). When only the vision
@@ -140,8 +141,7 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
 
     The projector is freshly initialised; everything else keeps its pretrained weights.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
     tower = load_vision_tower(vision, dtype=dtype, **hub_kwargs)
     lm = load_language_model(llm, dtype=dtype, quantization_config=llm_quantization_config, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(llm, **hub_kwargs)
@@ -197,8 +197,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device_map=No
 
     if checkpoint_format(path) != "llavakit":
         return open_checkpoint(path, dtype=dtype)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
     kwargs = dict(hub_kwargs)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -11,6 +11,18 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 FEATURE_SELECT = ("patch", "cls_patch")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_dtype(dtype):
+    """``"bfloat16"`` -> ``torch.bfloat16``; a torch dtype or None passes through."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
 class LlavakitConfig(PreTrainedConfig):

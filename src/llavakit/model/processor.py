@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
+from llavakit.data.conversation import IMAGE_MARKER
 from llavakit.data.tokenize import LEGACY_TOKENIZATION, added_special_ids, check_tokenization
 
 IMAGE_ASPECTS = ("resize", "pad")
@@ -47,7 +48,7 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 
 
 class LlavakitProcessor(ProcessorMixin):
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = "<image>",
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_MARKER,
                  image_seq_length: int = 1, image_aspect: str = "resize", template: str | None = None,
                  tokenization: str = LEGACY_TOKENIZATION, **kwargs):
         if image_aspect not in IMAGE_ASPECTS:
