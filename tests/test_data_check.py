@@ -213,14 +213,14 @@ def test_load_validated_refuses_or_skips(tmp_path, caplog):
 
 
 # --- token-level checks, against the encode() contract ------------------------------------------
-def fake_encode(conv, template, tokenizer, image_token_id, image_seq_length, max_length=None, overflow="truncate",
+def fake_encode(conv, template, tokenizer, image_token_id, image_tokens, max_length=None, overflow="truncate",
                 tokenization="llm"):
     """Contract stand-in: one token per word, images expand; keeps whole leading rounds to fit."""
     def ids_labels(turns):
         ids, labels = [], []
         for t in turns:
             for word in t.content.replace(M, f" {M} ").split():
-                n = image_seq_length if word == M else 1
+                n = image_tokens if word == M else 1
                 ids += [image_token_id if word == M else 1] * n
                 labels += ([1] if t.role == "assistant" and word != M else [-100]) * n
         return ids, labels
@@ -253,7 +253,7 @@ def fake_tokenize(monkeypatch):
 
 
 def test_length_and_supervision_checks(fake_tokenize):
-    kw = dict(tokenizer=object(), template=object(), image_token_id=9, image_seq_length=4, check_images=False)
+    kw = dict(tokenizer=object(), template=object(), image_token_id=9, image_tokens=4, check_images=False)
     short = conv(("user", "q"), ("assistant", "a b"), id="short")
     two_rounds = conv(("user", "q"), ("assistant", "a b"), ("user", "q " * 6), ("assistant", "c " * 6), id="cut")
     one_long = conv(("user", f"{M} q"), ("assistant", "a " * 20), images=[b"img"], id="huge")

@@ -99,6 +99,7 @@ def _tokenizer_bits(args) -> dict:
 
     from llavakit import LlavakitProcessor
 
+    from .dataset import image_token_counts
     from .templates import get_template
 
     try:
@@ -115,7 +116,8 @@ def _tokenizer_bits(args) -> dict:
     except ValueError as e:
         raise _UsageError(f"{e} (pass --template)") from None
     return dict(tokenizer=processor.tokenizer, template=template, image_token_id=processor.image_token_id,
-                image_seq_length=processor.image_seq_length, max_length=max_length, overflow=args.overflow,
+                image_tokens=lambda conv: image_token_counts(conv, processor)[1], max_length=max_length,
+                overflow=args.overflow,
                 tokenization=processor.tokenization)
 
 
@@ -162,7 +164,7 @@ def _lengths(convs, bits) -> tuple[list[int], str, int]:
     lengths, failed = [], 0
     for c in convs:
         try:
-            enc = encode(c, bits["template"], bits["tokenizer"], bits["image_token_id"], bits["image_seq_length"],
+            enc = encode(c, bits["template"], bits["tokenizer"], bits["image_token_id"], bits["image_tokens"](c),
                          tokenization=bits["tokenization"])
         except ValueError:
             failed += 1

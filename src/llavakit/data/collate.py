@@ -26,6 +26,19 @@ def _pixel_values(features: list[dict]) -> torch.Tensor | None:
     return torch.cat(pv, dim=0) if pv else None  # [N_img_total, 3, H, W]
 
 
+def image_fields(features: list[dict]) -> dict:
+    """``pixel_values`` [N_img_total, 3, H, W] and, when items carry them, ``image_sizes`` [N_img_total, 2],
+    concatenated in sample order (= placeholder order)."""
+    out = {}
+    pv = _pixel_values(features)
+    if pv is not None:
+        out["pixel_values"] = pv
+    sizes = [f["image_sizes"] for f in features if f.get("image_sizes") is not None and len(f["image_sizes"])]
+    if sizes:
+        out["image_sizes"] = torch.cat(sizes, dim=0)
+    return out
+
+
 def _as_long(x) -> torch.Tensor:
     return x.long() if torch.is_tensor(x) else torch.tensor(x, dtype=torch.long)
 
@@ -58,9 +71,7 @@ class PadCollator:
             sl = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
             input_ids[i, sl], out_labels[i, sl], mask[i, sl] = x, y, 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": out_labels}
-        pv = _pixel_values(features)
-        if pv is not None:
-            batch["pixel_values"] = pv
+        batch.update(image_fields(features))
         return batch
 
 
@@ -91,9 +102,7 @@ class PackingCollator:
         if self.return_flash_kwargs:
             cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [B+1]
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
-        pv = _pixel_values(features)
-        if pv is not None:
-            batch["pixel_values"] = pv
+        batch.update(image_fields(features))
         return batch
 
 

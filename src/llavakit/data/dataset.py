@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .conversation import Conversation, Problem, SampleError
-from .images import open_image
+from .images import ImageError, image_size, open_image
 from .templates import Template, get_template
 from .tokenize import IGNORE_INDEX, OverlongError, encode
 
@@ -52,6 +52,20 @@ class DatasetReport:
         return text
 
 
+def image_token_counts(conv: Conversation, processor) -> tuple[list[tuple[int, int]] | None, int | list[int]]:
+    """(sizes, counts) for the conversation's images: sizes read from the image headers only when the
+    processor's counts depend on them (else None and one count for all); a `SampleError` if unreadable."""
+    if not processor.counts_depend_on_size:
+        return None, processor.num_image_tokens()
+    sizes = []
+    for k, ref in enumerate(conv.images):
+        try:
+            sizes.append(image_size(ref))
+        except ImageError as e:
+            raise SampleError.of(conv, f"image {k} cannot be opened: {e}", e.hint or "fix or remove the image") from e
+    return sizes, processor.image_token_counts(sizes)
+
+
 class SupervisedDataset(Dataset):
     """Items: ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n,3,H,W] | None}``.
 
@@ -72,9 +86,12 @@ class SupervisedDataset(Dataset):
         self._ids: list[np.ndarray] = []  # [L] int32 each
         self._sup: list[np.ndarray] = []  # [L] bool each: position is supervised
         self._n_images: list[int] = []
+        # (width, height) of each image, read from file headers, when token counts depend on it
+        self._sizes: list[list[tuple[int, int]]] | None = [] if processor.counts_depend_on_size else None
         for conv in conversations:
             try:
-                enc = encode(conv, self.template, tokenizer, processor.image_token_id, processor.image_seq_length,
+                sizes, counts = image_token_counts(conv, processor)
+                enc = encode(conv, self.template, tokenizer, processor.image_token_id, counts,
                              max_length=max_length, overflow=overflow,
                              tokenization=processor.tokenization)
             except SampleError as e:
@@ -92,6 +109,8 @@ class SupervisedDataset(Dataset):
             self._ids.append(np.asarray(enc.input_ids, dtype=np.int32))
             self._sup.append(labels != IGNORE_INDEX)
             self._n_images.append(enc.num_images)
+            if self._sizes is not None:
+                self._sizes.append(sizes[:enc.num_images])
             self.report.truncated += int(enc.truncated)
         self.report.kept = len(self._convs)
         # Exact lengths (image placeholders included) and modality, for samplers and packers.
@@ -109,6 +128,12 @@ class SupervisedDataset(Dataset):
     def num_images(self, i: int) -> int:
         return self._n_images[i]
 
+    def image_sizes(self, i: int) -> torch.Tensor | None:
+        """[n, 2] (width, height) of sample i's images when the token policy needs them, else None."""
+        if self._sizes is None or not self._n_images[i]:
+            return None
+        return torch.tensor(self._sizes[i], dtype=torch.long).reshape(-1, 2)
+
     def __getitem__(self, i: int) -> dict:
         ids = torch.from_numpy(self._ids[i].astype(np.int64))  # [L]
         labels = torch.where(torch.from_numpy(self._sup[i]), ids, torch.full_like(ids, IGNORE_INDEX))  # [L]
@@ -125,4 +150,7 @@ class SupervisedDataset(Dataset):
                                          getattr(e, "hint", "") or "fix or remove the image (run `llavakit data check`)"
                                          ) from e
             pixel_values = self.processor.preprocess_images(images)  # [n, 3, H, W]
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        item = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        if self._sizes is not None:
+            item["image_sizes"] = self.image_sizes(i)
+        return item

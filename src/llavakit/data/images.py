@@ -207,6 +207,26 @@ def open_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.I
         return out.copy() if out is im else out
 
 
+def image_size(ref: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of `ref` as `open_image` would return it, read from the header only (EXIF
+    orientation applied: a photo stored sideways with a rotate-90 flag reports its upright size)."""
+    if isinstance(ref, Image.Image):
+        im, name, close = ref, describe(ref), False
+        _guard_pixels(im.size, name, max_pixels)
+    else:
+        (im, name), close = _open_checked(ref, max_pixels), True
+    try:
+        w, h = im.size
+        try:
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF Orientation: transposed
+        except Exception:  # a broken EXIF block: open_image keeps the stored orientation too
+            rotated = False
+        return (h, w) if rotated else (w, h)
+    finally:
+        if close:
+            im.close()
+
+
 def diagnose_image(ref: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS, full: bool = True) -> ImageError | None:
     """The `ImageError` `open_image` would raise for `ref`, or None if it is usable.
 

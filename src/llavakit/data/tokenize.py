@@ -19,8 +19,9 @@ SentencePiece tokenizer that puts its word-start marker after *every* special to
 in a special token (``chatml``'s ``"assistant\\n"``, ``mistral_instruct``'s ``"[/INST]"`` where
 that is not a special token) a ``"▁"`` the whole string would not have.
 
-``<image>`` markers never go through the tokenizer: each becomes exactly ``image_seq_length`` copies
-of ``image_token_id``, unsupervised. Over-long samples are dropped or truncated by removing whole
+``<image>`` markers never go through the tokenizer: image k becomes exactly ``image_tokens[k]`` copies
+of ``image_token_id`` (`expand_image_tokens`; the counts come from the processor, which owns them:
+``processor.image_token_counts``), unsupervised. Over-long samples are dropped or truncated by removing whole
 trailing rounds (a user turn and the assistant reply after it) with their images; a cut never lands
 inside an image's placeholders. `encode_prompt` tokenizes a generation prompt the same way.
 
@@ -41,6 +42,7 @@ inside an image's placeholders. `encode_prompt` tokenizes a generation prompt th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .conversation import IMAGE_MARKER, Conversation, SampleError, Turn
 from .templates import Template, TemplateError
@@ -51,9 +53,37 @@ TOKENIZATIONS = ("llm", "llava", "text")  # see the module docstring
 LEGACY_TOKENIZATION = "text"  # what a processor config without the field was trained with
 
 
+def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: int | Sequence[int],
+                        labels: Sequence[int] | None = None):
+    """Replace image k's single ``image_token_id`` by ``counts[k]`` copies (an int: the same count for
+    every image). With `labels`, returns ``(ids, labels)``, the copies unsupervised.
+
+    The one expansion of the project: the processor and `tokenize_segments` both use it."""
+    out: list[int] = []
+    out_labels: list[int] = []
+    k = 0
+    for j, t in enumerate(ids):
+        if t == image_token_id:
+            if isinstance(counts, int):
+                n = counts
+            elif k < len(counts):
+                n = counts[k]
+            else:
+                raise ValueError(f"the text has more than {len(counts)} image placeholder(s) but "
+                                 f"{len(counts)} image token count(s) were given")
+            k += 1
+            out += [image_token_id] * n
+            out_labels += [IGNORE_INDEX] * n
+        else:
+            out.append(t)
+            if labels is not None:
+                out_labels.append(labels[j])
+    return (out, out_labels) if labels is not None else out
+
+
 @dataclass
 class EncodedSample:
-    input_ids: list[int]  # [L], image markers expanded to image_seq_length placeholder ids each
+    input_ids: list[int]  # [L], image k expanded to image_tokens[k] placeholder ids
     labels: list[int]  # [L], IGNORE_INDEX where not supervised
     num_images: int  # images that survive (the first `num_images` of conv.images)
     truncated: bool  # whether trailing rounds were removed to fit max_length
@@ -137,7 +167,7 @@ def tokenize_as_text_start(text: str, tokenizer, keep_prefix: bool = True) -> li
     return ids
 
 
-def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length: int,
+def tokenize_segments(segments, tokenizer, image_token_id: int, image_tokens: int | Sequence[int],
                       tokenization: str = "llm") -> tuple[list[int], list[int]]:
     """Segments -> (input_ids, labels), one tokenizer call for the mid-text pieces of the sample."""
     check_tokenization(tokenization)
@@ -191,13 +221,14 @@ def tokenize_segments(segments, tokenizer, image_token_id: int, image_seq_length
     labels: list[int] = []
     for k, (part, sup) in enumerate(pieces):
         if part is None:
-            input_ids += [image_token_id] * image_seq_length
-            labels += [IGNORE_INDEX] * image_seq_length
+            input_ids.append(image_token_id)
+            labels.append(IGNORE_INDEX)
             continue
         ids = by_piece[k]
         input_ids += ids
         labels += [t if sup and t != image_token_id else IGNORE_INDEX for t in ids]
-    return prefix + input_ids, [IGNORE_INDEX] * len(prefix) + labels
+    return expand_image_tokens(prefix + input_ids, image_token_id, image_tokens,
+                               [IGNORE_INDEX] * len(prefix) + labels)
 
 
 def _rounds(turns: list[Turn]) -> list[int]:
@@ -207,8 +238,8 @@ def _rounds(turns: list[Turn]) -> list[int]:
     return [i + 1 for i, t in enumerate(turns) if t.role == "assistant"]
 
 
-def encode(conv: Conversation, template: Template, tokenizer, image_token_id: int, image_seq_length: int,
-           max_length: int | None = None, overflow: str = "truncate", tokenization: str = "llm") -> EncodedSample:
+def encode(conv: Conversation, template: Template, tokenizer, image_token_id: int,
+           image_tokens: int | Sequence[int], max_length: int | None = None, overflow: str = "truncate", tokenization: str = "llm") -> EncodedSample:
     """One conversation -> `EncodedSample`; raises `SampleError` for a sample not to train on."""
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow={overflow!r} is not one of {list(OVERFLOW_POLICIES)}")
@@ -223,7 +254,7 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
         except TemplateError as e:
             raise SampleError.of(conv, f"template {template.name!r} cannot render it: {e}",
                                  "fix the turn roles or choose another template") from e
-        return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length, tokenization)
+        return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization)
 
     ids, labels = run(conv.turns)
     if not any(x != IGNORE_INDEX for x in labels):
@@ -256,7 +287,7 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
 
 
 def encode_prompt(turns: list[Turn], template: Template, tokenizer, image_token_id: int,
-                  image_seq_length: int, tokenization: str = "llm") -> list[int]:
+                  image_tokens: int | Sequence[int], tokenization: str = "llm") -> list[int]:
     """Ids of `template.render_prompt(turns)`, tokenized exactly as training tokenized that text."""
     segs = template.segments(turns, add_generation_prompt=True)
-    return tokenize_segments(segs, tokenizer, image_token_id, image_seq_length, tokenization)[0]
+    return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization)[0]

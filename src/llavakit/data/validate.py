@@ -110,11 +110,12 @@ def _check_images(convs: Sequence[Conversation], max_pixels: int | None, full: b
     return out
 
 
-def _tokens(conv: Conversation, encode, template, tokenizer, image_token_id, image_seq_length,
+def _tokens(conv: Conversation, encode, template, tokenizer, image_token_id, image_tokens,
             max_length: int | None, overflow: str, tokenization: str) -> list[tuple[str, str, str]]:
     """Supervision and length, judged by the same `encode` (and length policy) training uses."""
     def run(limit):
-        return encode(conv, template, tokenizer, image_token_id, image_seq_length, max_length=limit,
+        counts = image_tokens(conv) if callable(image_tokens) else image_tokens
+        return encode(conv, template, tokenizer, image_token_id, counts, max_length=limit,
                       overflow=overflow, tokenization=tokenization)
 
     try:
@@ -149,7 +150,7 @@ def _split(data: Any) -> tuple[list[Conversation], list[Problem]]:
 
 
 def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversation], *, tokenizer=None,
-             template=None, image_token_id: int | None = None, image_seq_length: int | None = None,
+             template=None, image_token_id: int | None = None, image_tokens=None,
              max_length: int | None = None, check_images: bool = True, full_image_check: bool = True,
              overflow: str = "truncate", max_pixels: int | None = DEFAULT_MAX_PIXELS,
              workers: int | None = None, progress: bool = False, tokenization: str = "llm") -> list[Problem]:
@@ -161,7 +162,9 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
     as in `llavakit.data.tokenize.encode`): a warning when it can be truncated, an error when it
     would be dropped. ``full_image_check=False`` reads only image headers: much faster, but misses
     truncated files. Given a plain list of conversations, only the new problems are returned.
-    ``tokenization`` is the model's (``processor.tokenization``; see `llavakit.data.tokenize`).
+    ``tokenization`` is the model's (``processor.tokenization``; see `llavakit.data.tokenize`);
+    ``image_tokens`` its placeholder count per image: an int, or a function of the conversation
+    returning one count per image (`llavakit.data.dataset.image_token_counts`).
     """
     convs, problems = _split(data)
     encode = None
@@ -184,7 +187,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
                 first_with_id[conv.id] = conv.index
         # Tokenize only what is well-formed: a broken sample already has its reason.
         if encode is not None and not any(sev == "error" for sev, _, _ in found):
-            found += _tokens(conv, encode, template, tokenizer, image_token_id, image_seq_length, max_length,
+            found += _tokens(conv, encode, template, tokenizer, image_token_id, image_tokens, max_length,
                              overflow, tokenization)
         problems += [Problem(conv.index, conv.id, sev, reason, hint, conv.source) for sev, reason, hint in found]
     problems.sort(key=lambda p: p.index)

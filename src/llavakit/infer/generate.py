@@ -172,12 +172,14 @@ class Generator:
             if markers != len(ims):
                 raise ValueError(f"conversation {i} has {markers} {IMAGE_MARKER} marker(s) but {len(ims)} image(s)")
             ids.append(encode_prompt(turns, self.template, self.tokenizer, proc.image_token_id,
-                                     proc.image_seq_length, tokenization=proc.tokenization))
+                                     proc.image_token_counts(ims), tokenization=proc.tokenization))
         batch = proc.pad(ids, padding_side="left")  # [B, L] ids and mask
         data = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         flat = [im for ims in images for im in ims]
         if flat:
             data["pixel_values"] = proc.preprocess_images(flat)  # [N_img, 3, H, W], in text order
+            if proc.counts_depend_on_size:
+                data["image_sizes"] = proc.image_sizes(flat)  # [N_img, 2]
         return BatchFeature(data).to(self.model.device)
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:

@@ -135,7 +135,7 @@ def _add_tokens_and_resize(tokenizer, lm) -> list[int]:
 
 def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
           vision_feature_layer: int | list[int] = -2, vision_feature_select: str = "patch",
-          image_aspect: str = "resize", dtype: torch.dtype | str | None = None,
+          image_aspect: str = "resize", image_tokens: str = "base", dtype: torch.dtype | str | None = None,
           attn_implementation: str | None = None, llm_quantization_config=None, **hub_kwargs):
     """A new (model, processor) from a vision encoder and a causal LM, each a hub id or a local path.
 
@@ -156,6 +156,7 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select=vision_feature_select,
         vision_prefix_tokens=count_prefix_tokens(tower, tower.config),
+        image_tokens=image_tokens,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         pad_token_id=tokenizer.pad_token_id,
         components={"vision": str(vision), "llm": str(llm)},
@@ -182,7 +183,8 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavakitProcessor(image_processor, tokenizer, image_token=IMAGE_TOKEN,
                                   image_seq_length=config.image_seq_length, image_aspect=image_aspect,
-                                  chat_template=tokenizer.chat_template, tokenization="llm")
+                                  chat_template=tokenizer.chat_template, tokenization="llm",
+                                  image_tokens=image_tokens)
     log.info("built llavakit model: %s + %s, projector %s, %d tokens per image",
              vision, llm, projector, config.image_seq_length)
     return model, processor

@@ -12,6 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 FEATURE_SELECT = ("patch", "cls_patch")
 DTYPES = ("float32", "float16", "bfloat16")
+IMAGE_TOKEN_POLICIES = ("base", "unpad")  # see LlavakitConfig.image_tokens
 
 
 def parse_dtype(dtype):
@@ -43,6 +44,10 @@ class LlavakitConfig(PreTrainedConfig):
     # How many tokens the tower puts before its patch tokens (1 for CLIP's CLS, 0 for SigLIP);
     # measured once by `build` with a dry forward, never guessed from a model name.
     vision_prefix_tokens: int = 0
+    # How many tokens an image gets: "base" = every feature of the square the tower sees; "unpad" =
+    # only the features over the image itself when it was padded to a square (LLaVA-NeXT's unpadding,
+    # one tile; the processor counts them, `LlavakitProcessor.num_image_tokens`).
+    image_tokens: str = "base"
     image_token_id: int | None = None
     pad_token_id: int | None = None
     # {"vision": id_or_path, "llm": id_or_path} the model was assembled from.
@@ -55,6 +60,8 @@ class LlavakitConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_feature_select={self.vision_feature_select!r} is not one of {list(FEATURE_SELECT)}"
             )
+        if self.image_tokens not in IMAGE_TOKEN_POLICIES:
+            raise ValueError(f"image_tokens={self.image_tokens!r} is not one of {list(IMAGE_TOKEN_POLICIES)}")
         if isinstance(self.vision_feature_layer, (list, tuple)):
             self.vision_feature_layer = [int(x) for x in self.vision_feature_layer]
         # A tied-embedding LLM (e.g. Qwen2.5-0.5B) keeps its tying inside the composite model.

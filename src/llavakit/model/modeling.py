@@ -75,24 +75,51 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         """pixel_values [N_img, 3, H, W] -> projected features [N_img, image_seq_length, D_llm]."""
         return self.multi_modal_projector(self.vision_features(pixel_values))
 
-    def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):
-        """Write image features over the placeholder positions, in order (one masked_scatter)."""
+    def select_image_features(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None):
+        """[N_img, T, D] -> the features each image keeps under the token policy, as a list of [T_i, D]
+        (``base``: all T; ``unpad``: the feature-grid rows/columns over the image, not its padding)."""
+        if self.config.image_tokens == "base":
+            return list(image_features)
+        from .processor import feature_grid, unpadded_box
+
+        if image_sizes is None or len(image_sizes) != image_features.shape[0]:
+            got = "none" if image_sizes is None else len(image_sizes)
+            raise ValueError(f"image_tokens='unpad' needs image_sizes [N_img, 2] (width, height) for each of the "
+                             f"{image_features.shape[0]} image(s), got {got}; the processor returns them")
+        n, t, d = image_features.shape
+        g = feature_grid(t)
+        grid = image_features.reshape(n, g, g, d)  # row-major patch order
+        out = []
+        for k, (w, h) in enumerate(image_sizes.tolist()):
+            top, bottom, left, right = unpadded_box(int(w), int(h), g)
+            out.append(grid[k, top:bottom, left:right].reshape(-1, d))  # [T_k, D]
+        return out
+
+    def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features):
+        """Write image features over the placeholder positions, in order (one masked_scatter).
+
+        `image_features`: [N_img, T, D], or a list of per-image [T_i, D] (counts may differ)."""
         mask = input_ids == self.config.image_token_id  # [B, L]
         n_slots = int(mask.sum())
-        n_feats = image_features.shape[0] * image_features.shape[1]
-        if n_slots != n_feats:
+        per_image = [f.shape[0] for f in image_features] if isinstance(image_features, (list, tuple)) \
+            else [image_features.shape[1]] * image_features.shape[0]
+        if n_slots != sum(per_image):
             raise ValueError(
                 f"image placeholders and image features do not match: the text has {n_slots} placeholder "
-                f"tokens, the images give {n_feats} features ({image_features.shape[0]} image(s) x "
-                f"{image_features.shape[1]}). Each <image> must be expanded by the processor to "
-                f"{self.config.image_seq_length} placeholders, with exactly one image per <image>."
+                f"tokens, the images give {sum(per_image)} features ({len(per_image)} image(s) with "
+                f"{per_image} features each). Each <image> must be expanded by the processor to its own "
+                "count (processor.image_token_counts), with exactly one image per <image>."
             )
-        feats = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        if isinstance(image_features, (list, tuple)):
+            feats = torch.cat(list(image_features), dim=0) if image_features else inputs_embeds.new_zeros(0, 1)
+        else:
+            feats = image_features.reshape(-1, image_features.shape[-1])
+        feats = feats.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), feats)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None, past_key_values=None,
-              vision_features: torch.Tensor | None = None) -> torch.Tensor:
+              vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features spliced in: [B, L, D_llm].
 
         Images come as `pixel_values`, as cached tower outputs `vision_features` (before the
@@ -104,6 +131,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
+            if self.config.image_tokens != "base" and not isinstance(image_features, (list, tuple)):
+                image_features = self.select_image_features(image_features, image_sizes)
             return self.splice(input_ids, inputs_embeds, image_features)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if prefill and bool((input_ids == self.config.image_token_id).any()):
@@ -129,6 +158,7 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         vision_features: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
         cache=None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM outputs. With `labels` and `supervised_logits_only=True` the LM head runs only
@@ -143,7 +173,7 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_features, cache, vision_features)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_features, cache, vision_features, image_sizes)
         if use_cache is None and cache is None and (
                 self.training or (attention_mask is None and position_ids is not None)):
             # No KV cache in training, and none for padding-free packed rows: transformers only

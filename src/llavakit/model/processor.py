@@ -1,9 +1,17 @@
 """`LlavakitProcessor`: text + images -> model inputs, in transformers' processor convention.
 
-Every ``<image>`` in the text becomes exactly ``image_seq_length`` placeholder ids (the number of
-features the model's projector emits per image), so the model only has to scatter. Images are
+The processor owns how many tokens each image gets (`num_image_tokens`, `image_token_counts`); every
+``<image>`` becomes exactly that many placeholder ids, so the model only has to scatter. Images are
 preprocessed by the vision encoder's own image processor, optionally after LLaVA's ``pad`` step
 (expand to a square filled with the processor's mean colour, so nothing is cropped away).
+
+Token policies (``image_tokens``, recorded with the model config too):
+
+* ``base`` — every feature of the square the encoder sees: ``image_seq_length`` tokens per image.
+* ``unpad`` (needs ``image_aspect="pad"`` and a square feature grid) — LLaVA-NeXT's unpadding on one
+  tile: the feature-grid rows (or columns) that cover only the padding are dropped, so a 2:1 image
+  gets about half the tokens. The count depends on the image's size (`unpadded_box`); the model
+  receives the sizes as ``image_sizes`` [N, 2] (width, height) and cuts its features the same way.
 
 ``tokenization`` records how the checkpoint was trained to see text (`llavakit.data.tokenize`):
 ``llm`` and ``text`` tokenize a text in one piece (with ``add_special_tokens`` as given), ``llava``
@@ -20,20 +28,39 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from llavakit.data.conversation import IMAGE_MARKER
-from llavakit.data.tokenize import LEGACY_TOKENIZATION, added_special_ids, check_tokenization
+from llavakit.model.config import IMAGE_TOKEN_POLICIES
+from llavakit.data.tokenize import (LEGACY_TOKENIZATION, added_special_ids, check_tokenization,
+                                    expand_image_tokens)
 
 IMAGE_ASPECTS = ("resize", "pad")
 
 
-def expand_image_tokens(ids: Sequence[int], image_token_id: int, n: int) -> list[int]:
-    """Replace each single ``image_token_id`` by ``n`` copies of it."""
-    out: list[int] = []
-    for t in ids:
-        if t == image_token_id:
-            out.extend([image_token_id] * n)
-        else:
-            out.append(t)
-    return out
+def unpadded_box(width: int, height: int, grid: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the feature rows/columns of a `grid` x `grid` map that cover a
+    width x height image centred on a padded square (LLaVA-NeXT's rule: the scaled short side,
+    rounded; the padding split evenly, floor on each side)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if width > height:
+        kept = int(round(height * grid / width, 7))
+        pad = (grid - kept) // 2
+        return pad, grid - pad, 0, grid
+    if height > width:
+        kept = int(round(width * grid / height, 7))
+        pad = (grid - kept) // 2
+        return 0, grid, pad, grid - pad
+    return 0, grid, 0, grid
+
+
+def feature_grid(image_seq_length: int) -> int:
+    """Side of the square feature map of `image_seq_length` tokens (an error if it is not square)."""
+    import math
+
+    side = math.isqrt(int(image_seq_length))
+    if side * side != int(image_seq_length):
+        raise ValueError(f"{image_seq_length} features per image do not form a square grid; the 'unpad' "
+                         "policy needs vision_feature_select='patch' and a square patch grid")
+    return side
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -50,9 +77,17 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 class LlavakitProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_MARKER,
                  image_seq_length: int = 1, image_aspect: str = "resize", template: str | None = None,
-                 tokenization: str = LEGACY_TOKENIZATION, **kwargs):
+                 tokenization: str = LEGACY_TOKENIZATION, image_tokens: str = "base", **kwargs):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect={image_aspect!r} is not one of {list(IMAGE_ASPECTS)}")
+        if image_tokens not in IMAGE_TOKEN_POLICIES:
+            raise ValueError(f"image_tokens={image_tokens!r} is not one of {list(IMAGE_TOKEN_POLICIES)}")
+        if image_tokens == "unpad":
+            if image_aspect != "pad":
+                raise ValueError("image_tokens='unpad' drops the features over LLaVA's square padding, so it "
+                                 "needs image_aspect='pad'")
+            feature_grid(image_seq_length)
+        self.image_tokens = image_tokens
         self.tokenization = check_tokenization(tokenization)
         self.image_token = image_token
         self.image_seq_length = int(image_seq_length)
@@ -65,6 +100,32 @@ class LlavakitProcessor(ProcessorMixin):
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; build the model with llavakit.build")
 
+    # --- token counts: the processor owns them ------------------------------------------------------
+    @property
+    def counts_depend_on_size(self) -> bool:
+        """Whether an image's token count depends on its size (then callers must know the sizes)."""
+        return self.image_tokens != "base"
+
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Placeholder ids for one image of ``image_size`` = (width, height)."""
+        if self.image_tokens == "base":
+            return self.image_seq_length
+        if image_size is None:
+            raise ValueError(f"image_tokens={self.image_tokens!r}: the token count depends on the image size; "
+                             "pass image_size=(width, height)")
+        top, bottom, left, right = unpadded_box(*image_size, feature_grid(self.image_seq_length))
+        return (bottom - top) * (right - left)
+
+    def image_token_counts(self, images: Sequence) -> list[int]:
+        """One count per image: PIL images, (width, height) pairs, or references `open_image` reads
+        (only their headers are read, and only when counts depend on the size)."""
+        if not self.counts_depend_on_size:
+            return [self.image_seq_length] * len(images)
+        from llavakit.data.images import image_size
+
+        return [self.num_image_tokens(tuple(im) if isinstance(im, (tuple, list)) else image_size(im, None))
+                for im in images]
+
     # --- images ---------------------------------------------------------------------------------
     def _fill_colour(self) -> tuple[int, int, int]:
         mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
@@ -76,6 +137,11 @@ class LlavakitProcessor(ProcessorMixin):
         if self.image_aspect == "pad":
             rgb = [expand_to_square(im, self._fill_colour()) for im in rgb]
         return self.image_processor(rgb, return_tensors="pt")["pixel_values"]
+
+    @staticmethod
+    def image_sizes(images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N, 2] (width, height) of each original image: what `unpad` cuts the features by."""
+        return torch.tensor([list(im.size) for im in images], dtype=torch.long).reshape(-1, 2)
 
     # --- text -----------------------------------------------------------------------------------
     def __call__(self, text=None, images=None, return_tensors=None, padding: bool = True,
@@ -94,10 +160,17 @@ class LlavakitProcessor(ProcessorMixin):
             ids = [self.chunked_ids(t, add_special_tokens) for t in texts]
         else:
             ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        ids = [expand_image_tokens(row, self.image_token_id, self.image_seq_length) for row in ids]
+        counts = self.image_token_counts(flat_images)
+        rows, at = [], 0
+        for row, n in zip(ids, [t.count(self.image_token) for t in texts]):
+            rows.append(expand_image_tokens(row, self.image_token_id, counts[at:at + n]))
+            at += n
+        ids = rows
         data = self.pad(ids, padding_side=padding_side) if padding else {"input_ids": ids}
         if flat_images:
             data["pixel_values"] = self.preprocess_images(flat_images)
+            if self.counts_depend_on_size:
+                data["image_sizes"] = self.image_sizes(flat_images)
         if return_tensors not in (None, "pt"):
             raise ValueError("LlavakitProcessor returns PyTorch tensors only (return_tensors='pt')")
         if return_tensors == "pt" and not padding and len(ids) > 1:

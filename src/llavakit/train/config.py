@@ -28,6 +28,7 @@ class ModelConfig:
     vision_feature_layer: int | list[int] = -2
     vision_feature_select: str = "patch"
     image_aspect: str = "resize"  # "pad" = LLaVA's expand-to-square
+    image_tokens: str = "base"  # "unpad" = drop the features over the padding (needs image_aspect "pad")
     # Start from: a stage-1 run dir (projector weights only), a llavakit model dir, or an
     # llava-hf / original-LLaVA checkpoint. vision/llm are then taken from it.
     init_from: str | None = None

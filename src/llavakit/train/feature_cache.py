@@ -278,7 +278,11 @@ def _text_item(dataset, i: int) -> dict:
 
     ids = torch.from_numpy(dataset._ids[i].astype(np.int64))  # [L]
     labels = torch.where(torch.from_numpy(dataset._sup[i]), ids, torch.full_like(ids, IGNORE_INDEX))
-    return {"input_ids": ids, "labels": labels}
+    item = {"input_ids": ids, "labels": labels}
+    sizes = dataset.image_sizes(i)
+    if sizes is not None:  # a size-dependent token policy cuts the cached features by these
+        item["image_sizes"] = sizes
+    return item
 
 
 class CachedFeatureDataset(Dataset):

@@ -184,7 +184,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     install_hooks(accelerator, accelerator.unwrap_model)
     if log_with:
-        accelerator.inittrackers("llavakit", config=flat_config(cfg.to_dict()))
+        accelerator.init_trackers("llavakit", config=flat_config(cfg.to_dict()))
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     if resume:

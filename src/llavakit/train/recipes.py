@@ -72,7 +72,7 @@ def assemble(cfg: RunConfig):
                                    bnb_4bit_compute_dtype=torch.bfloat16)
     build_kwargs = dict(projector=m.projector, vision_feature_layer=m.vision_feature_layer,
                         vision_feature_select=m.vision_feature_select, image_aspect=m.image_aspect,
-                        dtype=m.dtype, attn_implementation=m.attn_implementation)
+                        image_tokens=m.image_tokens, dtype=m.dtype, attn_implementation=m.attn_implementation)
     if m.trust_remote_code:
         build_kwargs["trust_remote_code"] = True
     if quant is not None:
@@ -123,7 +123,11 @@ def apply_stage(model, cfg: RunConfig) -> tuple[object, list[ParamGroup]]:
     if t.train_vision:
         model.vision_tower.requires_grad_(True)
     if t.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = model.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec["llm"] != "full":
             model.language_model.enable_input_require_grads()
 
