@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
+from transformers import (AutoModelForCausalLM, AutoProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          MistralConfig, Qwen2Config)
 
 import llavakit
 from llavakit.cli import main
-from llavakit.demo.tiny import make_tokenizer, tiny_llm_config
+from llavakit.demo.tiny import make_tokenizer, save_tiny_llm, tiny_llm_config
 from llavakit.interop import export, resolve_model_dir
+from llavakit.interop.hf_llava import legacy_config_dict, legacy_rope_fields, legacy_tokenizer_config
 
 PROMPT = "USER: first <image> then the second <image> - which one is brighter? ASSISTANT: the"
 
@@ -31,16 +33,27 @@ def _images(seed=0):
 
 @pytest.fixture(scope="module")
 def tied_qwen2(tmp_path_factory):
-    """A tiny Qwen2 with tied input/output embeddings (like Qwen2.5-0.5B)."""
+    """A tiny Qwen2 with tied input/output embeddings (like Qwen2.5-0.5B) and its RoPE base 1e6."""
     out = tmp_path_factory.mktemp("qwen2_tied")
     tok = make_tokenizer(family="qwen2")
-    cfg = tiny_llm_config("qwen2", vocab_size=len(tok))
+    cfg = tiny_llm_config("qwen2", vocab_size=len(tok), rope_theta=1e6)
     cfg.tie_word_embeddings = True
     cfg.eos_token_id = tok.eos_token_id
     torch.manual_seed(3)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def rope_llms(tmp_path_factory):
+    """LLMs whose RoPE is not transformers' default (base 10000), as real ones: a reader that misses the
+    RoPE fields then loads every weight and still computes other logits. Llama-3's base 500000; Mistral with
+    base 1e6 and linear position scaling."""
+    root = tmp_path_factory.mktemp("rope_llms")
+    return {"llama": save_tiny_llm(root / "llama", "llama", rope_theta=500000.0),
+            "mistral": save_tiny_llm(root / "mistral", "mistral",
+                                     rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0})}
 
 
 # name -> (vision, llm, build options, expected HF strategy, expected num_additional_image_tokens)
@@ -53,8 +66,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def built(tiny_dirs, tied_qwen2):
-    dirs = dict(tiny_dirs, qwen2_tied=tied_qwen2)
+def built(tiny_dirs, tied_qwen2, rope_llms):
+    dirs = dict(tiny_dirs, qwen2_tied=tied_qwen2, **rope_llms)
     cache = {}
 
     def get(name):
@@ -147,7 +160,119 @@ def test_export_writes_legacy_layout_config_and_processor(built, exported, name)
     assert proc["patch_size"] == model.config.vision_config.patch_size
     assert proc["vision_feature_select_strategy"] == strategy
     assert proc["num_additional_image_tokens"] == additional
-    assert proc["image_processor"]["image_mean"] == list(processor.image_processor.image_mean)
+    # the image processor on its own, where every transformers version reads it (4.x before 4.56 fails on a
+    # nested copy in processor_config.json: "got multiple values for argument 'image_processor'")
+    assert "image_processor" not in proc
+    image_proc = json.loads((out / "preprocessor_config.json").read_text())
+    assert image_proc["image_mean"] == list(processor.image_processor.image_mean)
+    assert image_proc["processor_class"] == "LlavaProcessor"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_config_has_the_rope_and_dtype_fields_transformers_4_reads(built, exported, name):
+    """transformers 4.x reads only rope_theta/rope_scaling; without them it silently uses base 10000."""
+    model, _ = built(name)
+    rope = model.config.text_config.rope_parameters
+    assert rope["rope_theta"] != 10000  # the fixtures are chosen so that a missing field would matter
+    out = exported(name)
+    cfg = json.loads((out / "config.json").read_text())
+    text = cfg["text_config"]
+    assert text["rope_theta"] == rope["rope_theta"]
+    if rope["rope_type"] == "default":
+        assert text["rope_scaling"] is None
+    else:
+        assert text["rope_scaling"] == {"type": rope["rope_type"], "factor": rope["factor"]}
+    assert text["rope_parameters"] == rope  # 5.x's own field stays
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    assert text["torch_dtype"] == cfg["vision_config"]["torch_dtype"] == "float32"
+    assert cfg["tie_word_embeddings"] is text["tie_word_embeddings"] is model.config.text_config.tie_word_embeddings
+    # and transformers 5 reads back the RoPE it wrote (plus, for linear/dynamic, the legacy "type" key that
+    # 4.37 requires and 5.x accepts as a synonym of rope_type)
+    read = dict(LlavaConfig.from_pretrained(out).text_config.rope_parameters)
+    assert read.pop("type", rope["rope_type"]) == rope["rope_type"] and read == rope
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_tokenizer_config_is_readable_by_transformers_4(built, exported, name):
+    _, processor = built(name)
+    out = exported(name)
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    # 4.x fails on a list under extra_special_tokens ('list' object has no attribute 'keys')
+    assert not isinstance(tok.get("extra_special_tokens"), list)
+    assert "<image>" in tok["additional_special_tokens"]
+    assert tok["tokenizer_class"] != "TokenizersBackend"  # a 5.x-only name
+    hp = AutoProcessor.from_pretrained(out)
+    assert "<image>" in hp.tokenizer.extra_special_tokens  # 5.x turns the 4.x field back into its own
+    assert hp.tokenizer(PROMPT)["input_ids"] == processor.tokenizer(PROMPT)["input_ids"]
+    template = (out / "chat_template.jinja").read_text() if (out / "chat_template.jinja").exists() else None
+    assert tok.get("chat_template") == template
+    if template is not None:
+        assert json.loads((out / "chat_template.json").read_text()) == {"chat_template": template}
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 1e6},
+    "linear": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
+    "yarn": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 1024},
+}
+
+
+@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig, Qwen2Config])
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_legacy_rope_fields_read_back_unchanged_in_transformers_5(config_class, rope):
+    """5.x reads a non-null rope_scaling *instead of* rope_parameters: the 4.x fields must say the same."""
+    cfg = config_class(rope_parameters=dict(ROPES[rope]), max_position_embeddings=2048)
+    d = legacy_config_dict(cfg.to_dict())
+    assert d["rope_theta"] == ROPES[rope]["rope_theta"]
+    expected_scaling = {"default": None, "linear": {"type": "linear", "factor": 2.0},
+                        "dynamic": {"type": "dynamic", "factor": 4.0}}
+    if rope in expected_scaling:
+        assert d["rope_scaling"] == expected_scaling[rope]
+    else:  # as 4.43+ wrote them
+        assert d["rope_scaling"] == {k: v for k, v in cfg.rope_parameters.items() if k != "rope_theta"}
+    read = dict(config_class(**d).rope_parameters)
+    assert read.pop("type", cfg.rope_parameters["rope_type"]) == cfg.rope_parameters["rope_type"]
+    assert read == cfg.rope_parameters
+
+
+def test_legacy_rope_fields_edge_cases():
+    assert legacy_rope_fields({"model_type": "clip_vision_model"}) == {}  # no RoPE, nothing added
+    assert legacy_rope_fields({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                   "partial_rotary_factor": 0.5}}) == {
+        "rope_theta": 1e4, "rope_scaling": None, "partial_rotary_factor": 0.5}
+    per_layer = {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    assert legacy_rope_fields({"rope_parameters": per_layer}) == {
+        "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 8.0}}
+    # fields already written the 4.x way are left alone
+    assert legacy_config_dict({"rope_theta": 3.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+                              )["rope_theta"] == 3.0
+
+
+def test_legacy_tokenizer_config_fields():
+    cfg = {"extra_special_tokens": ["<image>", "<pad>"], "tokenizer_class": "TokenizersBackend"}
+    assert legacy_tokenizer_config(cfg, chat_template="{{ x }}") == {
+        "additional_special_tokens": ["<image>", "<pad>"], "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{{ x }}"}
+    named = {"extra_special_tokens": {"image_token": "<image>"}, "tokenizer_class": "Qwen2Tokenizer"}
+    assert legacy_tokenizer_config(named) == named  # the dict form is what 4.x expects there
+
+
+def test_llama_tokenizer_without_bos_keeps_its_behaviour_in_4x_fields(tmp_path):
+    """4.x's LlamaTokenizerFast rebuilds the post-processor from add_bos_token (default True), which 5.x
+    does not save; a tokenizer that adds no bos must say so."""
+    from sptok import make_sp_llama_tokenizer
+
+    tok = make_sp_llama_tokenizer(tmp_path / "sp", add_bos_token=False)
+    assert tok("a")["input_ids"][0] != tok.bos_token_id
+    cfg = legacy_tokenizer_config({"tokenizer_class": "LlamaTokenizer"}, tok)
+    assert cfg["add_bos_token"] is False and "add_eos_token" not in cfg
+    with_bos = make_sp_llama_tokenizer(tmp_path / "sp_bos")
+    assert legacy_tokenizer_config({"tokenizer_class": "LlamaTokenizer"}, with_bos) == {
+        "tokenizer_class": "LlamaTokenizer"}  # the 4.x default: nothing to add
 
 
 def test_tower_from_a_legacy_clip_checkpoint_is_not_prefixed_twice(tiny_dirs, tmp_path):
