@@ -1,6 +1,7 @@
 """Interop: export llavakit models for other tools, and open other tools' LLaVA checkpoints.
 
     export(src, out, format="hf-llava")      a llavakit model dir (or run dir) -> llava-hf folder
+    export(src, out, format="gguf", dtype="f16")   -> model-f16.gguf + mmproj-f16.gguf + Modelfile (llama.cpp)
     open_checkpoint(path) -> (model, processor)
         llavakit folder              -> llavakit.model.build.load
         llava-hf folder / hub id     -> import_hf_llava        (architectures: LlavaForConditionalGeneration)
@@ -15,17 +16,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .gguf import export_gguf
 from .hf_llava import export_hf_llava, import_hf_llava
 from .original_llava import ORIGINAL_ARCHITECTURES, ORIGINAL_MODEL_TYPES, import_original_llava
 
 # export format -> writer(model, processor, out, **options)
-EXPORT_FORMATS = {"hf-llava": export_hf_llava}
+EXPORT_FORMATS = {"hf-llava": export_hf_llava, "gguf": export_gguf}
 
 # config.json "architectures"[0] -> checkpoint format (llavakit itself is recognised by model_type)
 ARCHITECTURE_FORMATS = {"LlavaForConditionalGeneration": "hf-llava",
                         **{arch: "original-llava" for arch in ORIGINAL_ARCHITECTURES}}
 
-__all__ = ["EXPORT_FORMATS", "checkpoint_format", "export", "export_hf_llava", "import_hf_llava",
+__all__ = ["EXPORT_FORMATS", "checkpoint_format", "export", "export_gguf", "export_hf_llava", "import_hf_llava",
            "import_original_llava", "open_checkpoint", "resolve_model_dir"]
 
 
@@ -108,4 +110,8 @@ def export(src, out: str | Path, format: str = "hf-llava", **options) -> Path:
         from ..model.build import load
 
         model, processor = load(resolve_model_dir(src))
+    policy = getattr(model.config, "image_tokens", "base")
+    if policy != "base":  # checked before anything is written
+        raise ValueError(f"the model uses image_tokens={policy!r}, which the {format} layout cannot express "
+                         "(its readers give every image the full feature grid); only 'base' models export")
     return EXPORT_FORMATS[format](model, processor, out, **options)
