@@ -51,6 +51,13 @@ from llavakit.interop import export
 pytestmark = pytest.mark.slow  # a cold cache builds a venv per release (~1 min each)
 
 PROMPT = "USER: first <image> then the second <image> - which one is brighter? ASSISTANT: the"
+# more strings for the tokenizer alone (after special tokens, leading space, newlines, non-ASCII), and a
+# conversation for the chat template: the old release must give the same ids, decoded text and prompt
+TEXTS = ["USER: <image>\nWhat is shown? ASSISTANT:", " starts with a space", "a</s>USER: b<s>c",
+         "two\n\nlines  and  spaces", "<image><image>x", "ünïcödé ✓ 中文"]
+MESSAGES = [{"role": "user", "content": "<image>\nWhat is in the image?"},
+            {"role": "assistant", "content": "A red circle."},
+            {"role": "user", "content": "And the colour?"}]
 LOGITS_ATOL = 1e-4
 
 # release -> pip requirements besides torch (pinned to the running build below); pip resolves the rest
@@ -60,17 +67,21 @@ RELEASES = {
     "4.45": ["transformers==4.45.*", "safetensors", "pillow", "sentencepiece", "protobuf"],
 }
 
-# Export cases: (vision, llm, build options, oldest release that can read it). What 4.45 cannot read is a
+# Export cases: (vision, llm, build options, oldest release that can read it); "template" is not a build
+# option but the llavakit conversation template the export renders to Jinja (else the tokenizer's own). What 4.45 cannot read is a
 # limit of 4.45, not of the export: SigLIP needs num_additional_image_tokens (4.47+), the pad aspect
 # LlavaImageProcessor (4.49+), several feature layers a list-valued vision_feature_layer (4.49+).
 CASES = {
-    # tiny byte-level BPE tokenizer (5.x: TokenizersBackend), Llama-3's RoPE base, untied, CLS dropped
-    "clip-llama": ("clip", "llama", {}, "4.45"),
+    # tiny byte-level BPE tokenizer (5.x: TokenizersBackend), Llama-3's RoPE base, untied, CLS dropped,
+    # llavakit's llama3 template
+    "clip-llama": ("clip", "llama", {"template": "llama3"}, "4.45"),
     # tied embeddings (Qwen2.5-0.5B), RoPE base 1e6, CLS kept, chat template shipped
     "clip-qwen2tied-cls_patch": ("clip", "qwen2_tied", {"vision_feature_select": "cls_patch",
                                                         "vision_feature_layer": -1}, "4.45"),
-    # SentencePiece LlamaTokenizer (Vicuna-style), linear RoPE scaling, two feature layers, pad-to-square
-    "siglip-splama-linear-pad": ("siglip", "sp_llama", {"vision_feature_layer": [-3, -1], "image_aspect": "pad"},
+    # SentencePiece LlamaTokenizer with vicuna_v1 (LLaVA-1.5's), linear RoPE scaling, two feature layers,
+    # pad-to-square
+    "siglip-splama-linear-pad": ("siglip", "sp_llama", {"vision_feature_layer": [-3, -1], "image_aspect": "pad",
+                                                        "template": "vicuna_v1"},
                                  "4.57"),
 }
 CONTROL = "clip-llama"  # its control copy drops the 4.x RoPE fields, as the export wrote them before
@@ -188,6 +199,11 @@ for case in sys.argv[2:]:
         r["image_processor"] = type(processor.image_processor).__name__
         r["chat_template"] = getattr(processor, "chat_template", None)
         r["tokenizer_chat_template"] = getattr(processor.tokenizer, "chat_template", None)
+        tok, spec = processor.tokenizer, json.loads((d / "texts.json").read_text())
+        r["text_ids"] = [tok(t)["input_ids"] for t in spec["texts"]]
+        r["decoded"] = [tok.decode(ids, skip_special_tokens=True) for ids in r["text_ids"]]
+        if tok.chat_template:
+            r["chat"] = tok.apply_chat_template(spec["messages"], tokenize=False, add_generation_prompt=True)
         prompt = json.loads((d / "prompt.json").read_text())
         images = [Image.open(p).convert("RGB") for p in sorted(d.glob("image*.png"))]
         inputs = processor(text=prompt, images=images, return_tensors="pt")
@@ -246,9 +262,13 @@ def exports(tmp_path_factory):
     llms = _llms(parts)
     for case, (v, llm, opts, _) in CASES.items():
         d = root / case
+        opts = dict(opts)
+        template = opts.pop("template", None)
         torch.manual_seed(1)
         model, processor = llavakit.build(vision[v], llms[llm], projector="mlp2x_gelu", **opts)
         model.eval()
+        if template:
+            processor.template = template
         out = export((model, processor), d / "hf")
         hp = AutoProcessor.from_pretrained(out)
         images = _images()
@@ -266,6 +286,14 @@ def exports(tmp_path_factory):
         np.save(d / "logits.npy", ref.numpy())
         (d / "prompt.json").write_text(json.dumps(PROMPT))
         (d / "chat_template.json").write_text(json.dumps(hp.chat_template))
+        tok = hp.tokenizer
+        text_ids = [tok(t)["input_ids"] for t in TEXTS]
+        assert text_ids == [processor.tokenizer(t)["input_ids"] for t in TEXTS]
+        (d / "texts.json").write_text(json.dumps({
+            "texts": TEXTS, "messages": MESSAGES, "text_ids": text_ids,
+            "decoded": [tok.decode(ids, skip_special_tokens=True) for ids in text_ids],
+            "chat": tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+            if tok.chat_template else None}))
 
     # the control: what the export wrote before it added the 4.x RoPE fields
     control = root / f"{CONTROL}-without-4x-rope"
@@ -309,6 +337,9 @@ def test_old_transformers_loads_export_with_same_inputs_and_logits(exports, rele
         info = r["loading_info"]
         if any(info.values()):
             problems.append(f"{case}: loading info {info}")
+        theta = json.loads((d / "hf" / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"]
+        if r["rope_theta"] != theta:
+            problems.append(f"{case}: the old release reads rope_theta {r['rope_theta']}, the LLM has {theta}")
         ref = np.load(d / "logits.npy")
         names = ["old_logits_on_ref_inputs.npy"]  # the model on 5.x's inputs
         if "processor_error" in r:
@@ -324,6 +355,10 @@ def test_old_transformers_loads_export_with_same_inputs_and_logits(exports, rele
                 diff = np.abs(old_px - px).max() if old_px.shape == px.shape else "-"
                 problems.append(f"{case}: pixel_values differ (shapes {old_px.shape} / {px.shape}, max |Δ| {diff})")
             template = json.loads((d / "chat_template.json").read_text())
+            texts = json.loads((d / "texts.json").read_text())
+            for k in ("text_ids", "decoded", "chat"):
+                if r.get(k) != texts[k]:
+                    problems.append(f"{case}: tokenizer {k} differ\n old {r.get(k)!r}\n 5.x {texts[k]!r}")
             if r["chat_template"] != template or r["tokenizer_chat_template"] != template:
                 problems.append(f"{case}: chat template {r['chat_template']!r} / {r['tokenizer_chat_template']!r}, "
                                 f"5.x: {template!r}")
