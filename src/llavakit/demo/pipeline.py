@@ -3,14 +3,13 @@
 Everything a user would do with real data happens here with synthetic data, through the same
 entry points: the world is written as LLaVA JSON + PNGs and checked like `llavakit data check`
 does; the "downloaded" backbones are trained here and saved as ordinary HF folders; stage 1 and
-stage 2 run `llavakit train` on the recipes in `configs/demo/`; the final model is scored on the
+stage 2 run `llavakit train` on the recipes shipped in `llavakit/demo/recipes/`; the final model is scored on the
 held-out split with its images and blind (each image replaced by a blank one).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,18 +35,15 @@ SCALES = {
 }
 
 
-def configs_dir() -> Path:
-    """`configs/demo/` of this checkout (or $LLAVAKIT_CONFIGS/demo)."""
-    env = os.environ.get("LLAVAKIT_CONFIGS")
-    candidates = [Path(env) / "demo"] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / "configs" / "demo")
-    for c in candidates:
-        if (c / "stage1.yaml").is_file() and (c / "stage2.yaml").is_file():
-            return c
-    raise FileNotFoundError(
-        "the demo recipes configs/demo/stage1.yaml and stage2.yaml were not found; run from a llavakit "
-        "checkout or set LLAVAKIT_CONFIGS to its configs/ folder"
-    )
+def recipes_dir() -> Path:
+    """The demo's two recipes, `stage1.yaml` and `stage2.yaml`, shipped inside the package
+    (`llavakit/demo/recipes/`, package data), so `llavakit demo` works from an installed wheel too."""
+    from importlib.resources import files
+
+    d = Path(str(files("llavakit.demo") / "recipes"))
+    if not ((d / "stage1.yaml").is_file() and (d / "stage2.yaml").is_file()):
+        raise FileNotFoundError(f"the demo recipes stage1.yaml and stage2.yaml are missing from {d}; reinstall llavakit")
+    return d
 
 
 def _check_data(paths, say) -> None:
@@ -102,7 +98,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
                            log=say, **spec.clip).path
     phase("stage0", t)
 
-    recipes = configs_dir()
+    recipes = recipes_dir()
     common = [f"--model.vision={vision}", f"--model.llm={llm}", f"--data.image_folder={paths.image_folder}",
               f"--train.seed={seed}", "--train.report_to=none"]
     s1, s2 = out / "stage1", out / "stage2"
@@ -112,7 +108,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
          [f"--model.init_from={s1}", f"--data.train={paths.stage2}", *spec.stage2]),
     ]
     for name, title, extra in stages:
-        say(f"== {title} (llavakit train configs/demo/{name}.yaml)")
+        say(f"== {title} (llavakit train {recipes / name}.yaml)")
         t = time.perf_counter()
         argv = ["train", str(recipes / f"{name}.yaml"), f"--train.output_dir={out / name}", *common, *extra]
         if llavakit.cli.main(argv) != 0:
