@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from .gguf_text import file_type, to_qtype
+from .gguf_text import file_type, write_tensors_and_close
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ def write_mmproj_gguf(path, model, processor, qtype: str, name: str = "llavakit"
         w.add_vision_use_gelu(VISION_ACTS[vc.hidden_act])
         w.add_array(gguf.Keys.ClipVision.FEATURE_LAYER if hasattr(gguf.Keys.ClipVision, "FEATURE_LAYER")
                     else "clip.vision.feature_layer", [int(x) for x in layers])
-        for tname, t in tensors:
-            arr, raw = to_qtype(tname, t, _mmproj_qtype(tname, qtype))
-            w.add_tensor(tname, arr, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
+    except BaseException:
         w.close()
+        raise
+    write_tensors_and_close(w, tensors, lambda name: _mmproj_qtype(name, qtype))

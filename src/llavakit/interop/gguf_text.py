@@ -87,6 +87,19 @@ def to_qtype(name: str, t: torch.Tensor, qtype: str):
     return a.astype(np.float16), None
 
 
+def write_tensors_and_close(writer, tensors, qtype_of) -> None:
+    """Add `tensors` ([(gguf name, tensor)]) at the qtype ``qtype_of(name)`` gives, write the file, close it."""
+    try:
+        for tname, t in tensors:
+            arr, raw = to_qtype(tname, t, qtype_of(tname))
+            writer.add_tensor(tname, arr, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
 def file_type(qtype: str) -> int:
     import gguf
 
@@ -232,11 +245,7 @@ def write_text_gguf(path, lm, tokenizer, qtype: str, chat_template: str | None, 
         w.add_vocab_size(n_vocab)
         w.add_file_type(file_type(qtype))
         add_tokenizer(w, tokenizer, n_vocab, chat_template)
-        for tname, t in tensors:
-            arr, raw = to_qtype(tname, t, qtype)
-            w.add_tensor(tname, arr, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
+    except BaseException:
         w.close()
+        raise
+    write_tensors_and_close(w, tensors, lambda _name: qtype)
