@@ -4,7 +4,7 @@ Each held-out row is asked twice with greedy decoding: once with its image(s), o
 image replaced by a blank mid-grey one of the same size (the model then sees only the question).
 A prediction is right when it equals the answer after ``normalize``. A model that really looks at
 the image scores far above chance with it and about chance blind (the held-out split is balanced so
-that any image-blind answerer scores exactly chance, see ``llavakit.demo.world``).
+that any image-blind answerer scores exactly chance, see ``llavakit.demo.scenes``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .world import QUESTION_TYPES, chance_by_type
+from .scenes import QUESTION_TYPES, chance_by_type
 
 BLANK_GREY = (128, 128, 128)
 _NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
