@@ -1,0 +1,189 @@
+"""The benchmark's workload: the shapes, the rows of each table, and the data and models written to disk."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# --- workload shapes ------------------------------------------------------------------------------
+SHAPES = {
+    # CLIP-shaped tower (4 layers, hidden 128, 64 px, patch 8 -> 64 image tokens), Llama-shaped LLM
+    # (4 layers, hidden 256, vocabulary 4096: the LM head is 26% of the LLM's matmul weights, as in
+    # Qwen2.5-0.5B; TinyLlama's is 6%). Stage 1 uses an 8-layer hidden-256 tower (6.3M weights),
+    # larger than the LLM (5.0M with embeddings).
+    "cpu": dict(
+        vision=dict(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+        stage1_vision=dict(image_size=64, patch_size=8, hidden_size=256, num_layers=8, num_heads=4,
+                           intermediate_size=1024),
+        llm=dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688),
+        vocab=4096, model_vocab=0, samples=128, batch=8, answer=(3, 120), caption=(5, 40),
+        source_image=(160, 120), precision="fp32", threads=1, workers=1),
+    # TinyLlama-1.1B-shaped LLM (vocab 32000) + CLIP ViT-L/14-336-shaped tower, random weights, bf16.
+    "gpu": dict(
+        vision=dict(image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                    intermediate_size=4096),
+        stage1_vision=None,
+        llm=dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632),
+        vocab=4096, model_vocab=32000, samples=512, batch=8, answer=(3, 120), caption=(5, 40),
+        source_image=(480, 360), precision="bf16", threads=0, workers=4),
+    "micro": dict(
+        vision=dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+        stage1_vision=None,
+        llm=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+        vocab=1024, model_vocab=1536, samples=16, batch=4, answer=(3, 24), caption=(3, 10),
+        source_image=(48, 36), precision="fp32", threads=1, workers=1),
+}
+
+WORKLOAD_VERSION = 1  # bump when the generated data changes
+QUESTIONS = ["Describe the image in detail.", "What is in this picture?", "Explain what you see.",
+             "Give a detailed account of the scene.", "What objects does the image show, and where?"]
+
+
+@dataclass
+class Row:
+    name: str
+    stage: int = 2
+    system: str = "llavakit"  # or "peer"
+    group: bool = False
+    sup: bool = False
+    pack: bool = False
+    workers: int = 0
+    cache: bool = False
+
+
+def stage2_rows(workers: int) -> list[Row]:
+    return [
+        Row("peer: HF Llava + Trainer", system="peer"),
+        Row("llavakit baseline (pad, shuffled, full logits)"),
+        Row("  + length grouping", group=True),
+        Row("  + supervised-only logits", sup=True),
+        Row("  + packing", pack=True),
+        Row(f"  + decoding in {workers} worker(s)", workers=workers),
+        Row("llavakit grouping + sup-only + workers", group=True, sup=True, workers=workers),
+        Row("llavakit all on (+ packing)", group=True, sup=True, pack=True, workers=workers),
+    ]
+
+
+def stage1_rows(workers: int) -> list[Row]:
+    return [
+        Row("peer: HF Llava + Trainer (stage 1)", stage=1, system="peer"),
+        Row("llavakit stage 1 (pixels)", stage=1, group=True, sup=True, workers=workers),
+        Row("llavakit stage 1 + feature cache", stage=1, group=True, sup=True, workers=workers, cache=True),
+    ]
+
+
+# --- the workload on disk -------------------------------------------------------------------------
+def _words(rng: random.Random, n: int) -> list[str]:
+    syll = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["the", "and", "with", "on", "in"]
+    out = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))))
+    return sorted(out)
+
+
+def _text_of_length(rng, words, tok, n_tokens: int) -> str:
+    """Random sentences whose tokenized length is about `n_tokens`."""
+    text, pieces = "", []
+    while len(tok(text, add_special_tokens=False)["input_ids"]) < n_tokens:
+        pieces.append(rng.choice(words))
+        if len(pieces) % rng.randint(6, 12) == 0:
+            pieces[-1] += "."
+        text = " ".join(pieces).capitalize()
+    return text
+
+
+def _image(rng: random.Random, size: tuple[int, int]):
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    w, h = size
+    for _ in range(rng.randint(3, 7)):
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        box = [x0, y0, x0 + rng.randint(4, w // 2), y0 + rng.randint(4, h // 2)]
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=colour)
+    return im
+
+
+def prepare_workload(shape_name: str, workdir: Path, seed: int = 0, say=print) -> Path:
+    """Components, data (JPEGs + LLaVA JSON) and the llavakit/llava-hf model pair; reused if present."""
+    import hashlib
+
+    shape = SHAPES[shape_name]
+    data_keys = ("vision", "stage1_vision", "llm", "vocab", "model_vocab", "samples", "answer", "caption",
+                 "source_image")
+    spec = json.dumps([WORKLOAD_VERSION, shape_name, {k: shape[k] for k in data_keys}, seed], sort_keys=True)
+    wd = workdir / f"{shape_name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"  # a new spec, a new folder
+    if (wd / "ready.json").is_file():
+        return wd
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llavakit
+    from llavakit.data.conversation import Conversation, Turn
+    from llavakit.data.dataset import SupervisedDataset
+    from llavakit.demo.tiny import make_tokenizer, save_tiny_vision, tiny_llm_config
+    from llavakit.interop import export_hf_llava
+
+    say(f"[workload] writing {wd} (once)")
+    rng = random.Random(seed)
+    words = _words(rng, 3000)
+    # Prompt text is frequent in the corpus, so it tokenizes about as compactly as with a real tokenizer
+    # (the Vicuna system prompt is ~35 tokens with Llama's).
+    from llavakit.data.templates import VICUNA_SYSTEM
+
+    corpus = [" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(4000)]
+    corpus += [f"{VICUNA_SYSTEM} USER: {q} ASSISTANT:" for q in QUESTIONS] * 200
+    tok = make_tokenizer(corpus, "llama", vocab_size=shape["vocab"])
+    comp = wd / "components"
+    cfg = tiny_llm_config("llama", vocab_size=max(len(tok), shape["model_vocab"]), **shape["llm"])
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    # bf16 shapes keep their weights in bf16 on disk (half the size); both sides load them as fp32
+    # master weights and train under bf16 autocast.
+    store = torch.bfloat16 if shape["precision"] == "bf16" else torch.float32
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).to(store).save_pretrained(comp / "llm")
+    tok.save_pretrained(comp / "llm")
+    towers = {2: shape["vision"], 1: shape["stage1_vision"] or shape["vision"]}
+    for stage, vis in towers.items():
+        kw = {k: v for k, v in vis.items() if k != "image_size"}
+        save_tiny_vision(comp / f"vision_s{stage}", "clip", seed=seed, image_size=vis["image_size"], **kw)
+
+    data = wd / "data"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    s2, s1 = [], []
+    for i in range(shape["samples"]):
+        name = f"{i:05d}.jpg"
+        _image(rng, shape["source_image"]).save(data / "images" / name, quality=90)
+        answer = _text_of_length(rng, words, tok, rng.randint(*shape["answer"]))
+        q = rng.choice(QUESTIONS)
+        s2.append({"id": f"s2-{i}", "image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": answer}]})
+        caption = _text_of_length(rng, words, tok, rng.randint(*shape["caption"]))
+        s1.append({"id": f"s1-{i}", "image": name, "conversations": [
+            {"from": "human", "value": "Render a short caption of the image.\n<image>"},
+            {"from": "gpt", "value": caption}]})
+    (data / "stage2.json").write_text(json.dumps(s2))
+    (data / "stage1.json").write_text(json.dumps(s1))
+
+    stats = {}
+    for stage, template, rows in ((2, "vicuna_v1", s2), (1, "plain", s1)):
+        torch.manual_seed(seed)
+        model, processor = llavakit.build(comp / f"vision_s{stage}", comp / "llm", projector="mlp2x_gelu", dtype=store)
+        processor.template = template
+        model.save_pretrained(wd / f"llavakit_s{stage}")
+        processor.save_pretrained(wd / f"llavakit_s{stage}")
+        export_hf_llava(model, processor, wd / f"hf_s{stage}")
+        convs = [Conversation([Turn("user", r["conversations"][0]["value"]),
+                               Turn("assistant", r["conversations"][1]["value"])],
+                              images=[str(data / "images" / r["image"])]) for r in rows]
+        ds = SupervisedDataset(convs, processor, template)
+        stats[stage] = [{"tokens": len(ds[i]["input_ids"]), "answer": int((ds[i]["labels"][1:] != -100).sum()),
+                         "images": ds.num_images(i)} for i in range(len(ds))]
+        del model
+    (wd / "stats.json").write_text(json.dumps(stats))
+    (wd / "ready.json").write_text(json.dumps({"shape": shape_name, "seed": seed, "vocab": len(tok) + 2}))
+    return wd
