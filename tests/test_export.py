@@ -20,7 +20,7 @@ import llavakit
 from llavakit.cli import main
 from llavakit.demo.tiny import make_tokenizer, save_tiny_llm, tiny_llm_config
 from llavakit.interop import export, resolve_model_dir
-from llavakit.interop.hf_llava import legacy_config_dict, legacy_rope_fields, legacy_tokenizer_config
+from llavakit.interop.hf_legacy import legacy_config_dict, legacy_rope_fields, legacy_tokenizer_config
 
 PROMPT = "USER: first <image> then the second <image> - which one is brighter? ASSISTANT: the"
 

@@ -134,9 +134,14 @@ class SupervisedDataset(Dataset):
             return None
         return torch.tensor(self._sizes[i], dtype=torch.long).reshape(-1, 2)
 
-    def __getitem__(self, i: int) -> dict:
+    def tokens(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [L], labels [L]) of sample i, without opening its images."""
         ids = torch.from_numpy(self._ids[i].astype(np.int64))  # [L]
         labels = torch.where(torch.from_numpy(self._sup[i]), ids, torch.full_like(ids, IGNORE_INDEX))  # [L]
+        return ids, labels
+
+    def __getitem__(self, i: int) -> dict:
+        ids, labels = self.tokens(i)
         n = self._n_images[i]
         pixel_values = None
         if n:

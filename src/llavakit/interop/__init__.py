@@ -3,7 +3,7 @@
     export(src, out, format="hf-llava")      a llavakit model dir (or run dir) -> llava-hf folder
     export(src, out, format="gguf", dtype="f16")   -> model-f16.gguf + mmproj-f16.gguf + Modelfile (llama.cpp)
     open_checkpoint(path) -> (model, processor)
-        llavakit folder              -> llavakit.model.build.load
+        llavakit folder              -> llavakit.model.build.load_saved
         llava-hf folder / hub id     -> import_hf_llava        (architectures: LlavaForConditionalGeneration)
         original LLaVA checkpoint    -> import_original_llava  (architectures: LlavaLlamaForCausalLM, ...;
                                                                   a pretrain run: model_type llava_llama, ...)
@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..model.build import load_saved
 from .gguf import export_gguf
-from .hf_llava import export_hf_llava, import_hf_llava
+from .hf_llava import export_hf_llava
+from .hf_llava_import import import_hf_llava
 from .original_llava import ORIGINAL_ARCHITECTURES, ORIGINAL_MODEL_TYPES, import_original_llava
 
 # export format -> writer(model, processor, out, **options)
@@ -26,6 +28,10 @@ EXPORT_FORMATS = {"hf-llava": export_hf_llava, "gguf": export_gguf}
 # config.json "architectures"[0] -> checkpoint format (llavakit itself is recognised by model_type)
 ARCHITECTURE_FORMATS = {"LlavaForConditionalGeneration": "hf-llava",
                         **{arch: "original-llava" for arch in ORIGINAL_ARCHITECTURES}}
+
+# keyword arguments that say where a checkpoint comes from (passed to config.json's lookup as well)
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code", "proxies",
+               "force_download")
 
 __all__ = ["EXPORT_FORMATS", "checkpoint_format", "export", "export_gguf", "export_hf_llava", "import_hf_llava",
            "import_original_llava", "open_checkpoint", "resolve_model_dir"]
@@ -61,20 +67,17 @@ def checkpoint_format(path: str | Path, **hub_kwargs) -> str:
     )
 
 
-def open_checkpoint(path: str | Path, **kwargs):
-    """(model, processor) from any checkpoint llavakit understands (see the module docstring).
+def open_checkpoint(path: str | Path, dtype=None, device_map=None, attn_implementation=None, **kwargs):
+    """(model, processor) from any checkpoint llavakit understands (see the module docstring); this is
+    `llavakit.load`.
 
-    Extra keyword arguments go to the importer (e.g. `dtype`; `vision`/`llm`/`projector_bin` for an
-    original-LLaVA checkpoint).
+    `dtype`, `device_map`, `attn_implementation` and hub options (`revision`, `token`, `cache_dir`, ...)
+    reach the loader of every format; `vision`/`llm`/`projector_bin` are the original-LLaVA importer's own.
     """
-    fmt = checkpoint_format(path)
-    if fmt == "llavakit":
-        from ..model.build import load
-
-        return load(path, **kwargs)
-    if fmt == "hf-llava":
-        return import_hf_llava(path, **kwargs)
-    return import_original_llava(path, **kwargs)
+    hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
+    fmt = checkpoint_format(path, **hub)
+    opener = {"llavakit": load_saved, "hf-llava": import_hf_llava, "original-llava": import_original_llava}[fmt]
+    return opener(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, **kwargs)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -107,9 +110,7 @@ def export(src, out: str | Path, format: str = "hf-llava", **options) -> Path:
     if isinstance(src, (tuple, list)):
         model, processor = src
     else:
-        from ..model.build import load
-
-        model, processor = load(resolve_model_dir(src))
+        model, processor = load_saved(resolve_model_dir(src))
     policy = getattr(model.config, "image_tokens", "base")
     if policy != "base":  # checked before anything is written
         raise ValueError(f"the model uses image_tokens={policy!r}, which the {format} layout cannot express "

@@ -37,12 +37,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
-from ..model.build import (IMAGE_TOKEN, _add_tokens_and_resize, _check_loading, count_prefix_tokens,
-                           load_language_model, load_vision_tower)
-from ..model.config import FEATURE_SELECT, LlavakitConfig, parse_dtype
-from ..model.modeling import LlavakitForConditionalGeneration
-from ..model.processor import LlavakitProcessor
-from .hf_llava import SAFE_INDEX, SAFE_WEIGHTS, legacy_tower_prefix
+from ..model.assemble import add_image_tokens, assemble, check_loading
+from ..model.build import load_language_model, load_vision_tower
+from ..model.config import FEATURE_SELECT, parse_dtype
+from .weights import SAFE_INDEX, SAFE_WEIGHTS, legacy_tower_prefix
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +209,7 @@ def _text_config(raw: dict, family: str):
 def _load_llm(path: Path, ckpt: dict, raw: dict, family: str, llm, dtype, hub_kwargs):
     if llm is not None:
         return load_language_model(llm, dtype=dtype, **hub_kwargs), str(llm)
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("device_map", "attn_implementation")}
     llm_weights = {k: v for k, v in ckpt.items() if not _is_llava_part(k)}
     if not llm_weights:
         raise FileNotFoundError(
@@ -222,10 +221,10 @@ def _load_llm(path: Path, ckpt: dict, raw: dict, family: str, llm, dtype, hub_kw
     lm_cls = AutoModelForCausalLM._model_mapping[type(text_config)]
     # transformers' loader with our tensors: meta init, buffers, tying and dtype handled as for any checkpoint
     lm, info = lm_cls.from_pretrained(None, config=text_config, state_dict=llm_weights, dtype=dtype or "auto",
-                                      output_loading_info=True)
+                                      output_loading_info=True, **hub_kwargs)
     if getattr(lm.config, "tie_word_embeddings", False):  # an absent lm_head is expected: it is re-tied
         info["missing_keys"] = [k for k in info.get("missing_keys") or [] if k != "lm_head.weight"]
-    _check_loading("language model", path, info, dual_encoder=False)
+    check_loading("the language model checkpoint", path, info)
     return lm, str(path)
 
 
@@ -249,7 +248,7 @@ def _apply_tower_weights(tower, ckpt: dict, path: Path) -> bool:
 
 def import_original_llava(path: str | Path, vision: str | Path | None = None, llm: str | Path | None = None,
                           projector_bin: str | Path | None = None, dtype: torch.dtype | str | None = None,
-                          **hub_kwargs):
+                          device_map=None, attn_implementation: str | None = None, **hub_kwargs):
     """Open an original-LLaVA checkpoint folder as a llavakit (model, processor) pair.
 
     path           the checkpoint folder (config.json; LLM weights unless `llm` is given; tokenizer), or a
@@ -259,6 +258,7 @@ def import_original_llava(path: str | Path, vision: str | Path | None = None, ll
                    `path`; a pretrain run has none: pass the LLM it started from (LLaVA's --model-base)
     projector_bin  a pretrain run's mm_projector.bin; default: the checkpoint's own projector weights,
                    else path/mm_projector.bin
+    device_map, attn_implementation and hub options go to the LLM's loader (the tower follows the LLM's device).
     """
     path = Path(path)
     dtype = parse_dtype(dtype)
@@ -281,9 +281,11 @@ def import_original_llava(path: str | Path, vision: str | Path | None = None, ll
         raise ValueError(f"{cfg_path} has no mm_vision_tower; pass vision= (the CLIP tower's hub id or folder)")
 
     ckpt = read_state_dict(path) if has_weights(path) else {}
-    lm, llm_source = _load_llm(path, ckpt, raw, family, llm, dtype, hub_kwargs)
+    llm_kwargs = dict(hub_kwargs, **{k: v for k, v in (("device_map", device_map),
+                                                         ("attn_implementation", attn_implementation)) if v})
+    lm, llm_source = _load_llm(path, ckpt, raw, family, llm, dtype, llm_kwargs)
     lm_dtype = next(lm.parameters()).dtype
-    tower = load_vision_tower(vision, dtype=lm_dtype, **hub_kwargs)
+    tower = load_vision_tower(vision, dtype=lm_dtype, **hub_kwargs).to(lm.get_input_embeddings().weight.device)
     tuned_tower = _apply_tower_weights(tower, ckpt, path)
     if raw.get("mm_hidden_size") not in (None, tower.config.hidden_size):
         raise ValueError(f"{cfg_path}: mm_hidden_size={raw['mm_hidden_size']} but the tower {vision} has hidden "
@@ -294,39 +296,17 @@ def import_original_llava(path: str | Path, vision: str | Path | None = None, ll
     if tok_source is None:
         raise FileNotFoundError(f"no tokenizer in {path} (tokenizer_config.json); pass llm= to use the LLM's")
     tokenizer = AutoTokenizer.from_pretrained(tok_source, **hub_kwargs)
-    _add_tokens_and_resize(tokenizer, lm)  # <image> (+ <pad>): LLaVA marked images with id -200 in code
+    add_image_tokens(tokenizer, lm)  # <image> (+ <pad>): LLaVA marked images with id -200 in code
     tokenizer.padding_side = "left"
     image_processor = AutoImageProcessor.from_pretrained(vision, **hub_kwargs)
-
-    config = LlavakitConfig(
-        vision_config=tower.config,
-        text_config=lm.config,
-        projector=projector,
-        vision_feature_layer=raw["mm_vision_select_layer"],
-        vision_feature_select=select,
-        vision_prefix_tokens=count_prefix_tokens(tower, tower.config),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        pad_token_id=tokenizer.pad_token_id,
-        components={"vision": str(vision), "llm": llm_source, "original-llava": str(path),
-                    "projector": str(proj_source) if proj_source else None},
-    )
-    with torch.device("meta"):
-        model = LlavakitForConditionalGeneration(config)
-    model.vision_tower, model.language_model = tower, lm
-    model.config.vision_config, model.config.text_config = tower.config, lm.config
-    try:
-        model.multi_modal_projector.load_state_dict({k: v.to(lm_dtype) for k, v in proj_weights.items()},
-                                                    strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"projector weights from {proj_source} do not fit a {projector!r} projector between "
-                         f"the tower and the LLM: {e}") from e
-    model.generation_config = lm.generation_config
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.vision_tower.requires_grad_(False)
+    components = {"vision": str(vision), "llm": llm_source, "original-llava": str(path),
+                  "projector": str(proj_source) if proj_source else None}
+    model, processor = assemble(
+        tower, lm, tokenizer, image_processor, projector=projector, projector_weights=proj_weights,
+        vision_feature_layer=raw["mm_vision_select_layer"], vision_feature_select=select, image_aspect=aspect,
+        components=components, chat_template=tokenizer.chat_template, tokenization=ORIGINAL_TOKENIZATION,
+        attn_implementation=attn_implementation)
     model.eval()
     log.info("imported original LLaVA %s: LLM from %s, projector %s from %s, tower %s%s", path, llm_source,
              projector, proj_source, vision, " (tuned weights from the checkpoint)" if tuned_tower else "")
-    processor = LlavakitProcessor(image_processor, tokenizer, image_token=IMAGE_TOKEN,
-                                  image_seq_length=config.image_seq_length, image_aspect=aspect,
-                                  chat_template=tokenizer.chat_template, tokenization=ORIGINAL_TOKENIZATION)
     return model, processor

@@ -274,10 +274,7 @@ def _write_json(path: Path, data) -> None:
 # --- dataset and collator views ---------------------------------------------------------------------
 def _text_item(dataset, i: int) -> dict:
     """A `SupervisedDataset` item without decoding its images: input_ids [L], labels [L]."""
-    from llavakit.data.tokenize import IGNORE_INDEX
-
-    ids = torch.from_numpy(dataset._ids[i].astype(np.int64))  # [L]
-    labels = torch.where(torch.from_numpy(dataset._sup[i]), ids, torch.full_like(ids, IGNORE_INDEX))
+    ids, labels = dataset.tokens(i)
     item = {"input_ids": ids, "labels": labels}
     sizes = dataset.image_sizes(i)
     if sizes is not None:  # a size-dependent token policy cuts the cached features by these
