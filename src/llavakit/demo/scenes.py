@@ -12,7 +12,7 @@ scored comparisons are built from.
 Chance. Every question has a known option set (stored as ``options``) and the generator draws the
 answer uniformly from it, so a guesser that sees the question but not the image is right with
 probability 1/len(options); ``chance_by_type`` averages that over a type's rows. The held-out split
-is moreover an exactly balanced design (``_grid``): every distinct question text appears equally
+is moreover an exactly balanced design (``scene_grid``): every distinct question text appears equally
 often with each of its answers. So *any* image-blind answerer (a function of the question text
 alone, e.g. the model shown a blank image) scores exactly chance there, even the best one (each
 question text answered with its most frequent answer).
@@ -182,7 +182,7 @@ ASK = {"colour": _colour_q, "shape": _shape_q, "position": _position_q, "count":
        "yesno": _yesno_q, "two_image": _two_image_q}
 
 
-def _grid(qtype: str) -> list[tuple]:
+def scene_grid(qtype: str) -> list[tuple]:
     """The held-out design of a type: every (variant-ish key, answer) cell, each used equally often.
 
     The key is whatever (besides the answer) decides the question text, so balancing over these
@@ -212,7 +212,7 @@ def _plural_count(rng: random.Random, plural: bool) -> int:
     return rng.choice(COUNTS[1:]) if plural else 1
 
 
-def _make(qtype: str, key, answer: str, rng: random.Random):
+def make_scenes(qtype: str, key, answer: str, rng: random.Random):
     """Scene(s) and variant for one held-out cell: returns (scenes, variant)."""
     if qtype == "colour":
         return [random_scene(rng, colour=answer, count=_plural_count(rng, key))], None
@@ -258,7 +258,7 @@ def _something_else(rng: random.Random, colour: str, shape: str) -> tuple[str, s
             _other(rng, SHAPES, shape) if mode != 0 else shape)
 
 
-def _single_image_turns(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+def single_image_turns(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
     """``turns`` (question, answer) pairs about one scene, in random order.
 
     The pool holds every type that applies, yesno twice (one yes, one no) and position on both axes:
@@ -280,7 +280,7 @@ def _size_q(scene: Scene, where: str = "") -> tuple[str, str]:
     return f"{verb} the {noun}{where} small or large?", scene.size
 
 
-def _two_image_turns(scenes: list[Scene], variant, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+def two_image_turns(scenes: list[Scene], variant, rng: random.Random, turns: int) -> list[tuple[str, str]]:
     """The comparison question ``variant`` first, then up to ``turns - 1`` others in random order:
     the other comparison when it applies, and questions about each image on its own, which teach
     the model to tell the two images apart."""
@@ -296,7 +296,7 @@ def _two_image_turns(scenes: list[Scene], variant, rng: random.Random, turns: in
     return [ASK["two_image"]((a, b), variant)[:2]] + rng.sample(pool, min(turns - 1, len(pool)))
 
 
-def _conversation(turns: list[tuple[str, str]], prefix: str) -> list[dict]:
+def make_conversation(turns: list[tuple[str, str]], prefix: str) -> list[dict]:
     conv = []
     for t, (q, a) in enumerate(turns):
         conv += [{"from": "human", "value": prefix + q if t == 0 else q}, {"from": "gpt", "value": a}]

@@ -25,8 +25,8 @@ from pathlib import Path
 # Re-exported: callers import the world's scene and question names from this module.
 from .scenes import (  # noqa: F401
     ASK, CELL, COLOURS, COLUMN_WORDS, COUNTS, GRID, IMAGE_SIZE, NUMBER_WORDS, PLURAL, QUESTION_TYPES,
-    ROW_WORDS, SHAPES, SIZES, TWO_IMAGE_PREFIX, Scene, _conversation, _grid, _make, _single_image_turns,
-    _two_image_turns, ask, caption, chance_by_type, draw, position_words, random_scene,
+    ROW_WORDS, SHAPES, SIZES, TWO_IMAGE_PREFIX, Scene, make_conversation, scene_grid, make_scenes, single_image_turns,
+    two_image_turns, ask, caption, chance_by_type, draw, position_words, random_scene,
 )
 
 
@@ -52,7 +52,7 @@ def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test:
     ``two_image_fraction * n_train`` two-image conversations (two new scenes each) are added. Every
     training image gets a caption in stage1.json.
     n_test: held-out rows per question type, rounded up to whole repetitions of the type's balanced
-    design (see ``_grid``). The same arguments always give byte-identical files.
+    design (see ``scene_grid``). The same arguments always give byte-identical files.
     """
     out = Path(out_dir)
     images = out / "images"
@@ -75,29 +75,29 @@ def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test:
     for i in range(n_train):
         scene = random_scene(rng)
         name = save_train(scene, f"train_{i:05d}.png")
-        conv = _conversation(_single_image_turns(scene, rng, turns), "<image>\n")
+        conv = make_conversation(single_image_turns(scene, rng, turns), "<image>\n")
         stage2.append({"id": f"qa-{i:05d}", "image": name, "conversations": conv})
 
     # Two-image conversations: a comparison from the held-out design's cells, then follow-ups.
-    cells = _grid("two_image")
+    cells = scene_grid("two_image")
     for j in range(int(round(two_image_fraction * n_train))):
         key, answer = rng.choice(cells)
-        scenes, variant = _make("two_image", key, answer, rng)
+        scenes, variant = make_scenes("two_image", key, answer, rng)
         names = [save_train(s, f"pair_{j:05d}_{k}.png") for k, s in enumerate(scenes)]
-        conv = _conversation(_two_image_turns(scenes, variant, rng, turns), TWO_IMAGE_PREFIX)
+        conv = make_conversation(two_image_turns(scenes, variant, rng, turns), TWO_IMAGE_PREFIX)
         stage2.append({"id": f"qa2-{j:05d}", "images": names, "conversations": conv})
     rng.shuffle(stage2)
 
     # Held-out rows: each type's balanced design, repeated, in a shuffled order; fresh scenes only.
     test = []
     for qtype in QUESTION_TYPES:
-        grid = _grid(qtype)
+        grid = scene_grid(qtype)
         reps = -(-n_test // len(grid))
         design = [cell for _ in range(reps) for cell in grid]
         rng.shuffle(design)
         for k, (key, answer) in enumerate(design):
             while True:
-                scenes, variant = _make(qtype, key, answer, rng)
+                scenes, variant = make_scenes(qtype, key, answer, rng)
                 if not any(_key(s) in seen for s in scenes):
                     break
             q, a, options = ask(qtype, scenes, variant)
