@@ -298,3 +298,20 @@ def test_open_checkpoint_opens_llavakit_folders(tiny_built, tmp_path):
     assert checkpoint_format(tmp_path) == "llavakit"
     again, _ = open_checkpoint(tmp_path)
     torch.testing.assert_close(again.multi_modal_projector.linear_1.weight, model.multi_modal_projector.linear_1.weight)
+
+
+def test_load_passes_dtype_device_map_and_attention_to_every_format(tiny_built, original_full, tmp_path):
+    """`llavakit.load` is one entry point: every format gets the caller's dtype, device_map and attention."""
+    import llavakit
+
+    model, processor = tiny_built
+    model.save_pretrained(tmp_path / "own")
+    processor.save_pretrained(tmp_path / "own")
+    _write_hf_llava(tmp_path / "hf", "clip", "default", -2, False)
+    for path in (tmp_path / "own", tmp_path / "hf", original_full[0]):
+        loaded, _ = llavakit.load(path, dtype="bfloat16", device_map="cpu", attn_implementation="eager")
+        assert loaded.language_model.dtype == torch.bfloat16, path
+        assert loaded.language_model.config._attn_implementation == "eager", path
+        assert {p.device.type for p in loaded.parameters()} == {"cpu"}, path
+        loaded, _ = llavakit.load(path, attn_implementation="sdpa")
+        assert loaded.language_model.config._attn_implementation == "sdpa", path

@@ -57,13 +57,21 @@ PINNED = {
                "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nColour?<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    # Gemma's documented turn format: <start_of_turn>{user|model}\n ... <end_of_turn>\n after bos; it has no
+    # system role, so a system text opens the first user turn followed by a blank line (as Gemma-3's own does).
+    "gemma": ("<s><start_of_turn>user\n<image>\nWhat is it?<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n"
+              "<start_of_turn>user\nColour?<end_of_turn>\n<start_of_turn>model\nBlack.<end_of_turn>\n",
+              "<s><start_of_turn>user\nBe brief.\n\n<image>\nWhat is it?<end_of_turn>\n<start_of_turn>model\n"
+              "A cat.<end_of_turn>\n<start_of_turn>user\nColour?<end_of_turn>\n<start_of_turn>model\nBlack.<end_of_turn>\n",
+              "<s><start_of_turn>user\n<image>\nWhat is it?<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n"
+              "<start_of_turn>user\nColour?<end_of_turn>\n<start_of_turn>model\n"),
 }
 
 # What each reply must look like once supervised: (text before the answer, text after it).
 # Written out here, independently of templates.py.
 REPLY = {"plain": ("", "{eos}"), "vicuna_v1": (" ", "{eos}"), "llama_2": (" ", " {eos}"),
          "mistral_instruct": ("", "{eos}"), "chatml": ("", "<|im_end|>"), "llama3": ("", "<|eot_id|>"),
-         "auto": ("", "<|im_end|>")}
+         "gemma": ("", "<end_of_turn>"), "auto": ("", "<|im_end|>")}
 
 
 def test_table_covers_the_issue():

@@ -83,6 +83,11 @@ TEMPLATES: dict[str, TemplateSpec] = {
         user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
         header="<|start_header_id|>assistant<|end_header_id|>\n\n", reply="{content}<|eot_id|>",
         stop=("<|eot_id|>",), description="Llama-3-Instruct"),
+    "gemma": TemplateSpec(
+        bos="{bos}", user="<start_of_turn>user\n{content}<end_of_turn>\n", system_in_user="{content}\n\n",
+        header="<start_of_turn>model\n", reply="{content}<end_of_turn>", after_reply="\n",
+        stop=("<end_of_turn>",), description="Gemma / Gemma-2 / Gemma-3 instruct (no system role: folded into "
+                                              "the first user turn)"),
 }
 AUTO = "auto"  # the tokenizer's own chat_template
 
