@@ -93,6 +93,13 @@ class TrainConfig:
 
 
 @dataclass
+    # A non-finite loss or gradient norm: "stop" (raise, naming the step; nothing non-finite is saved)
+    # or "skip" (drop that optimizer step, at most max_nonfinite_skips times in the run, then stop).
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
+    # --resume refuses a config that differs from the checkpoint's; these keys (e.g. [max_steps, lr],
+    # "rng_state" for a checkpoint whose RNG state is unreadable) may differ. CLI: --resume-allow.
+    resume_allow: list[str] = field(default_factory=list)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +120,10 @@ def _from_dict(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
+class TrainingError(RuntimeError):
+    """A started run that had to stop (non-finite loss, disk full, unreadable checkpoint)."""
+
+
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
@@ -171,12 +182,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         (t.stage in STAGES, f"train.stage={t.stage!r} is not one of {list(STAGES)}"),
         (t.schedule in SCHEDULES, f"train.schedule={t.schedule!r} is not one of {list(SCHEDULES)}"),
         (t.precision in PRECISIONS, f"train.precision={t.precision!r} is not one of {list(PRECISIONS)}"),
+    if isinstance(t.resume_allow, str):  # --train.resume_allow=max_steps,lr
+        t.resume_allow = [k.strip() for k in t.resume_allow.split(",") if k.strip()]
         (d.overflow in ("truncate", "drop"), f"data.overflow={d.overflow!r} must be 'truncate' or 'drop'"),
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (d.train is not None, "data.train is not set: point it at a LLaVA JSON/JSONL, messages file or HF dataset"),
         (cfg.model.init_from is not None or (cfg.model.vision and cfg.model.llm),
          "set model.vision and model.llm (hub ids or paths), or model.init_from"),
     ]
+        (t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'"),
+        (t.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
