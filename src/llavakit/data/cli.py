@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .formats import FORMATS, ROW_SCHEMAS, DataSourceError, load_conversations, write_conversations
-from .images import DEFAULT_MAX_PIXELS
+from .images import add_limit_arguments, limits_from_args
 from .validate import count_samples, format_problem, summarize, validate
 
 
@@ -47,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--report", default=None, metavar="FILE", help="write every problem as JSON here")
     check.add_argument("--images", default="full", choices=("full", "header", "skip"),
                        help="decode images fully (finds truncation), read headers only, or skip them")
-    check.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                       help=f"decompression-bomb guard (default {DEFAULT_MAX_PIXELS:,})")
+    add_limit_arguments(check)  # --max-pixels / --max-side / --max-aspect-ratio
     check.add_argument("--workers", type=int, default=None, help="threads checking images")
     check.add_argument("--max-warnings", type=int, default=200,
                        help="print at most this many warning lines (all are in --report)")
@@ -111,12 +110,13 @@ def _tokenizer_bits(args) -> dict:
     if max_length is None:
         max_length = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
     name = args.template or getattr(processor, "template", None) or "auto"
+    limits = limits_from_args(args)
     try:
         template = get_template(name, processor.tokenizer)
     except ValueError as e:
         raise _UsageError(f"{e} (pass --template)") from None
     return dict(tokenizer=processor.tokenizer, template=template, image_token_id=processor.image_token_id,
-                image_tokens=lambda conv: image_token_counts(conv, processor)[1], max_length=max_length,
+                image_tokens=lambda conv: image_token_counts(conv, processor, limits)[1], max_length=max_length,
                 overflow=args.overflow,
                 tokenization=processor.tokenization)
 
@@ -132,7 +132,7 @@ def _check(args) -> int:
     convs, problems = load_conversations(args.data, args.format, args.image_folder, on_error="collect",
                                          split=args.split)
     problems = validate((convs, problems), check_images=args.images != "skip",
-                        full_image_check=args.images == "full", max_pixels=args.max_pixels,
+                        full_image_check=args.images == "full", **limits_from_args(args).as_kwargs(),
                         workers=args.workers, progress=sys.stderr.isatty(), **bits)
     n = count_samples(convs, problems)
     warnings_shown = 0

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .conversation import Conversation, Problem, SampleError
-from .images import ImageError, image_size, open_image
+from .images import ImageError, ImageLimits
 from .templates import Template, get_template
 from .tokenize import IGNORE_INDEX, OverlongError, encode
 
@@ -52,15 +52,18 @@ class DatasetReport:
         return text
 
 
-def image_token_counts(conv: Conversation, processor) -> tuple[list[tuple[int, int]] | None, int | list[int]]:
+def image_token_counts(conv: Conversation, processor, limits: ImageLimits | None = None
+                       ) -> tuple[list[tuple[int, int]] | None, int | list[int]]:
     """(sizes, counts) for the conversation's images: sizes read from the image headers only when the
-    processor's counts depend on them (else None and one count for all); a `SampleError` if unreadable."""
+    processor's counts depend on them (else None and one count for all); a `SampleError` if unreadable
+    or over ``limits`` (default: `ImageLimits()`)."""
     if not processor.counts_depend_on_size:
         return None, processor.num_image_tokens()
+    limits = limits or ImageLimits()
     sizes = []
     for k, ref in enumerate(conv.images):
         try:
-            sizes.append(image_size(ref))
+            sizes.append(limits.size(ref))
         except ImageError as e:
             raise SampleError.of(conv, f"image {k} cannot be opened: {e}", e.hint or "fix or remove the image") from e
     return sizes, processor.image_token_counts(sizes)
@@ -71,16 +74,20 @@ class SupervisedDataset(Dataset):
 
     ``template`` is a `Template` or a template name (resolved with the processor's tokenizer).
     Samples that cannot be trained on are left out and listed in `report`; ``strict=True`` raises
-    the first `SampleError` instead.
+    the first `SampleError` instead. Images over ``image_limits`` (`ImageLimits`: pixels, longest side,
+    aspect ratio; training passes ``data.max_pixels`` / ``max_side`` / ``max_aspect_ratio``) are refused
+    from their header, before anything is decoded or resized.
     """
 
     def __init__(self, conversations: Sequence[Conversation], processor, template: Template | str,
                  max_length: int | None = None, overflow: str = "truncate",
-                 image_loader: Callable | None = None, strict: bool = False):
+                 image_loader: Callable | None = None, strict: bool = False,
+                 image_limits: ImageLimits | None = None):
         self.processor = processor
         tokenizer = processor.tokenizer
         self.template = get_template(template, tokenizer) if isinstance(template, str) else template
-        self.image_loader = image_loader or open_image
+        self.image_limits = image_limits or ImageLimits()
+        self.image_loader = image_loader or self.image_limits.open  # picklable, for dataloader workers
         self.report = DatasetReport(total=len(conversations))
         self._convs: list[Conversation] = []
         self._ids: list[np.ndarray] = []  # [L] int32 each
@@ -90,7 +97,7 @@ class SupervisedDataset(Dataset):
         self._sizes: list[list[tuple[int, int]]] | None = [] if processor.counts_depend_on_size else None
         for conv in conversations:
             try:
-                sizes, counts = image_token_counts(conv, processor)
+                sizes, counts = image_token_counts(conv, processor, self.image_limits)
                 enc = encode(conv, self.template, tokenizer, processor.image_token_id, counts,
                              max_length=max_length, overflow=overflow,
                              tokenization=processor.tokenization)

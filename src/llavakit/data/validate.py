@@ -3,8 +3,9 @@
 `validate` takes what a reader returned (conversations + the problems met while reading) and adds
 what can only be judged on a normalised conversation: roles and their order, empty turns,
 ``<image>`` markers against images, the images themselves (missing, empty, corrupt, truncated,
-folders, decompression bombs), duplicate ids and — given a tokenizer and template — whether
-anything is supervised and whether the sample fits ``max_length``.
+folders, decompression bombs, over the size limits of `llavakit.data.images.ImageLimits`),
+duplicate ids and — given a tokenizer and template — whether anything is supervised and whether the
+sample fits ``max_length``.
 
 Every reason starts with a short kind (``"image missing: ..."``) that `summarize` groups by.
 """
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
 from .conversation import IMAGE_MARKER, ROLES, Conversation, Problem, SampleError
-from .images import DEFAULT_MAX_PIXELS, diagnose_image
+from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,14 @@ def _structure(conv: Conversation) -> list[tuple[str, str, str]]:
     return found
 
 
-def _check_images(convs: Sequence[Conversation], max_pixels: int | None, full: bool, workers: int | None,
+def _check_images(convs: Sequence[Conversation], limits: ImageLimits, full: bool, workers: int | None,
                   progress: bool) -> dict[int, list[tuple[str, str, str]]]:
     """conversation position -> image problems. Each distinct path is opened once (LLaVA data reuses images)."""
     paths = sorted({ref for c in convs for ref in c.images if isinstance(ref, str)})
     workers = workers or min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding: threads help
 
     def diagnose(ref):
-        return diagnose_image(ref, max_pixels, full)
+        return limits.diagnose(ref, full)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(diagnose, paths)
@@ -153,6 +154,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
              template=None, image_token_id: int | None = None, image_tokens=None,
              max_length: int | None = None, check_images: bool = True, full_image_check: bool = True,
              overflow: str = "truncate", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             max_side: int | None = DEFAULT_MAX_SIDE, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
              workers: int | None = None, progress: bool = False, tokenization: str = "llm") -> list[Problem]:
     """Every problem with the samples, sorted by index: the readers' (if `data` is a reader's
     ``(conversations, problems)``) plus structural, image, duplicate-id and, with a tokenizer and a
@@ -161,7 +163,9 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
     A sample over ``max_length`` is judged by the length policy training will use (``overflow``,
     as in `llavakit.data.tokenize.encode`): a warning when it can be truncated, an error when it
     would be dropped. ``full_image_check=False`` reads only image headers: much faster, but misses
-    truncated files. Given a plain list of conversations, only the new problems are returned.
+    truncated files. ``max_pixels`` / ``max_side`` / ``max_aspect_ratio`` are the image size limits
+    (`llavakit.data.images.ImageLimits`; None turns one off), checked from each image's header.
+    Given a plain list of conversations, only the new problems are returned.
     ``tokenization`` is the model's (``processor.tokenization``; see `llavakit.data.tokenize`);
     ``image_tokens`` its placeholder count per image: an int, or a function of the conversation
     returning one count per image (`llavakit.data.dataset.image_token_counts`).
@@ -175,7 +179,8 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
             from .templates import get_template
 
             template = get_template(template, tokenizer)
-    image_problems = _check_images(convs, max_pixels, full_image_check, workers, progress) if check_images else {}
+    limits = ImageLimits(max_pixels, max_side, max_aspect_ratio)
+    image_problems = _check_images(convs, limits, full_image_check, workers, progress) if check_images else {}
     first_with_id: dict[str, int] = {}
     for pos, conv in enumerate(convs):
         found = _structure(conv) + image_problems.get(pos, [])

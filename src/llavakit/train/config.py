@@ -50,7 +50,11 @@ class DataConfig:
     skip_invalid: bool = False  # train on the valid samples when validation finds errors
     check_images: bool = True  # open every image during validation
     num_workers: int = 0
-    max_pixels: int | None = None
+    # Image size limits, checked from each image's header before decoding (llavakit.data.images.ImageLimits);
+    # None = the default (89,478,485 pixels, 8192 px longest side, aspect ratio 20), 0 = no limit.
+    max_pixels: int | None = None  # width x height (decompression bombs)
+    max_side: int | None = None  # longest side: LLaVA's pad processes a square of it
+    max_aspect_ratio: float | None = None  # long side / short side: a short-side resize multiplies pixels by it
     # Folder of a frozen-vision feature cache (train/feature_cache.py): the vision tower runs once per
     # image and later epochs/runs read its outputs from disk. Needs train.train_vision: false.
     feature_cache: str | None = None
@@ -89,10 +93,6 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | wandb | none
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-
-@dataclass
     # A non-finite loss or gradient norm: "stop" (raise, naming the step; nothing non-finite is saved)
     # or "skip" (drop that optimizer step, at most max_nonfinite_skips times in the run, then stop).
     on_nonfinite: str = "stop"
@@ -100,6 +100,10 @@ class TrainConfig:
     # --resume refuses a config that differs from the checkpoint's; these keys (e.g. [max_steps, lr],
     # "rng_state" for a checkpoint whose RNG state is unreadable) may differ. CLI: --resume-allow.
     resume_allow: list[str] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,14 +120,14 @@ class ConfigError(ValueError):
     pass
 
 
-def _from_dict(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
 class TrainingError(RuntimeError):
     """A started run that had to stop (non-finite loss, disk full, unreadable checkpoint)."""
 
 
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
@@ -178,20 +182,20 @@ def apply_override(tree: dict, override: str) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     t, d = cfg.train, cfg.data
+    if isinstance(t.resume_allow, str):  # --train.resume_allow=max_steps,lr
+        t.resume_allow = [k.strip() for k in t.resume_allow.split(",") if k.strip()]
     checks = [
         (t.stage in STAGES, f"train.stage={t.stage!r} is not one of {list(STAGES)}"),
         (t.schedule in SCHEDULES, f"train.schedule={t.schedule!r} is not one of {list(SCHEDULES)}"),
         (t.precision in PRECISIONS, f"train.precision={t.precision!r} is not one of {list(PRECISIONS)}"),
-    if isinstance(t.resume_allow, str):  # --train.resume_allow=max_steps,lr
-        t.resume_allow = [k.strip() for k in t.resume_allow.split(",") if k.strip()]
         (d.overflow in ("truncate", "drop"), f"data.overflow={d.overflow!r} must be 'truncate' or 'drop'"),
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'"),
+        (t.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
         (d.train is not None, "data.train is not set: point it at a LLaVA JSON/JSONL, messages file or HF dataset"),
         (cfg.model.init_from is not None or (cfg.model.vision and cfg.model.llm),
          "set model.vision and model.llm (hub ids or paths), or model.init_from"),
     ]
-        (t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'"),
-        (t.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
