@@ -35,7 +35,9 @@ def add_arguments(parser) -> None:
                         help="text appended to every question (default: the metric's LLaVA-style instruction; "
                              "'' for none)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    from llavakit.data.images import add_limit_arguments
+
+    add_limit_arguments(parser)  # --max-pixels / --max-side / --max-aspect-ratio
     parser.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -88,7 +90,8 @@ def run(args) -> int:
     try:
         metrics = evaluate(generator, samples, out, metric, batch_size=args.batch_size, settings=settings,
                            prompt_suffix=args.prompt_suffix, run_info=run_info, overwrite=args.overwrite,
-                           max_pixels=args.max_pixels, progress=not args.no_progress, source=str(data))
+                           max_pixels=args.max_pixels, max_side=args.max_side, max_aspect_ratio=args.max_aspect_ratio,
+                           progress=not args.no_progress, source=str(data))
     except EvalDataError as e:
         print(f"llavakit eval: {e}", file=sys.stderr)
         return 2

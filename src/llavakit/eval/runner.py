@@ -260,11 +260,15 @@ def score_records(records: list[dict], metric: Metric) -> dict:
 def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLike, metric: Metric | str,
              batch_size: int = 8, settings=None, prompt_suffix: str | None = None, run_info: dict | None = None,
              overwrite: bool = False, max_pixels: int | None = None, progress: bool = True,
-             source: str = "<data>") -> dict:
-    """Generate for every sample not yet in ``out_dir``, append, then score all; returns the metrics."""
+             source: str = "<data>", max_side: int | None = None, max_aspect_ratio: float | None = None) -> dict:
+    """Generate for every sample not yet in ``out_dir``, append, then score all; returns the metrics.
+
+    Images over the size limits (``max_pixels`` / ``max_side`` / ``max_aspect_ratio``; None = the
+    default, see `llavakit.data.images.ImageLimits`) stop the run before anything is generated.
+    """
     from tqdm.auto import tqdm
 
-    from llavakit.data.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+    from llavakit.data.images import ImageError, ImageLimits
     from llavakit.infer.generate import GenerationSettings
 
     metric = get_metric(metric) if isinstance(metric, str) else metric
@@ -283,6 +287,13 @@ def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLik
     todo = [s for s in samples if s.id not in done_ids]
     if done:
         log.info("resuming: %d of %d samples already in %s", len(samples) - len(todo), len(samples), out_dir)
+    limits = ImageLimits.of(max_pixels, max_side, max_aspect_ratio)
+    for s in todo:  # headers only: a bad image stops the run now, not hours in
+        for p in s.images:
+            try:
+                limits.size(p)
+            except ImageError as e:
+                raise EvalDataError(f"{s.label(source)}: {e} -> {e.hint}") from e
 
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="eval", unit="sample",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -292,7 +303,7 @@ def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLik
             conversations, images = [], []
             for s in batch:
                 try:
-                    images.append([open_image(p, max_pixels=max_pixels or DEFAULT_MAX_PIXELS) for p in s.images])
+                    images.append([limits.open(p) for p in s.images])
                 except ImageError as e:
                     raise EvalDataError(f"{s.label(source)}: {e} -> {e.hint}") from e
                 conversations.append(sample_turns(s, suffix))

@@ -28,8 +28,9 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="image for the first message; repeat for several")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="refuse images with more pixels than this (default: llavakit's image limit)")
+    from llavakit.data.images import add_limit_arguments
+
+    add_limit_arguments(parser)  # --max-pixels / --max-side / --max-aspect-ratio, checked before decoding
 
 
 def add_model_arguments(parser) -> None:
@@ -60,10 +61,11 @@ def clean(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-def _open(path: str, max_pixels):
-    from llavakit.data.images import DEFAULT_MAX_PIXELS, open_image
+def open_chat_image(path: str, args):
+    """The image at `path`, refused from its header when over the ``--max-*`` limits (`ImageError`)."""
+    from llavakit.data.images import limits_from_args
 
-    return open_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    return limits_from_args(args).open(path)
 
 
 def run(args) -> int:
@@ -79,7 +81,7 @@ def run(args) -> int:
     first_images = []
     for path in args.image:
         try:
-            first_images.append((path, _open(path, args.max_pixels)))
+            first_images.append((path, open_chat_image(path, args)))
         except ImageError as e:
             print(f"llavakit chat: --image {path}: {e} -> {e.hint}", file=sys.stderr)
             return 2
@@ -128,7 +130,7 @@ def run(args) -> int:
                     print("usage: /image PATH", file=out)
                     continue
                 try:
-                    n = session.add_image(_open(rest, args.max_pixels))
+                    n = session.add_image(open_chat_image(rest, args))
                 except ImageError as e:
                     print(f"[cannot use {rest}: {e} -> {e.hint}]", file=out)
                 else:

@@ -5,8 +5,10 @@
 
 The page binds to 127.0.0.1 unless ``--host`` says otherwise (``--host 0.0.0.0`` exposes it to the
 network, without authentication). Uploads are limited in size (``--max-file-size``, enforced by the
-server), in pixels (``--max-pixels``, checked from the image header before decoding) and in number
-per conversation (``--max-images``). Requests are served one at a time (one model in memory).
+server), in pixels, longest side and aspect ratio (``--max-pixels`` / ``--max-side`` /
+``--max-aspect-ratio``, checked from the image header before decoding: a tiny 12000x1 file would
+cost gigabytes once padded) and in number per conversation (``--max-images``). Requests are served
+one at a time (one model in memory).
 
 Each browser tab keeps its own conversation in a `gr.State` of plain data (turn texts and image
 paths); a `ChatSession` is rebuilt from it for every reply, so no model object is ever copied.
@@ -19,10 +21,13 @@ import os
 import sys
 
 from llavakit.data.conversation import Turn
+from llavakit.data.images import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, ImageError, ImageLimits,
+                                  add_limit_arguments, limits_from_args)
 
 INSTALL_HINT = "llavakit web needs Gradio: pip install 'llavakit[web]'"
 TITLE = "llavakit chat"
 LOOPBACK = "127.0.0.1"
+WEB_MAX_PIXELS = 25_000_000  # uploads: a lower pixel limit than for training data
 
 
 def add_arguments(parser) -> None:
@@ -33,7 +38,7 @@ def add_arguments(parser) -> None:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-file-size", default="10mb", help="largest accepted upload (e.g. 10mb, 500kb)")
-    parser.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, in pixels")
+    add_limit_arguments(parser, max_pixels=WEB_MAX_PIXELS)  # --max-pixels / --max-side / --max-aspect-ratio
     parser.add_argument("--max-images", type=int, default=8, help="images per conversation")
 
 
@@ -52,23 +57,30 @@ def _new_state() -> dict:
     return {"turns": [], "images": [], "pending": []}
 
 
-def build_app(generator, settings, *, system: str | None = None, max_pixels: int = 25_000_000,
+def upload_problem(paths: list[str], state: dict, limits: ImageLimits, max_images: int = 8) -> str | None:
+    """Why the uploaded `paths` cannot join the conversation in `state` (shown on the page), or None.
+
+    Each image's size is checked against `limits` (`ImageLimits`) from its header, before decoding.
+    """
+    if len(state["images"]) + len(state["pending"]) + len(paths) > max_images:
+        return f"At most {max_images} images per conversation; press Clear to start a new one."
+    for p in paths:
+        name = os.path.basename(p)
+        try:
+            limits.open(p).close()  # the header is checked first: nothing over a limit is decoded
+        except ImageError as e:
+            return f"{name}: {e.kind} ({e.detail.replace(p, name)}). To do: {e.hint}."
+    return None
+
+
+def build_app(generator, settings, *, system: str | None = None, max_pixels: int | None = WEB_MAX_PIXELS,
+              max_side: int | None = DEFAULT_MAX_SIDE, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
               max_images: int = 8):
     """The page as a `gr.Blocks` (not launched)."""
     gr = import_gradio()
-    from llavakit.data.images import ImageError, open_image
     from llavakit.infer.generate import ChatSession
 
-    def image_problem(paths: list[str], state: dict) -> str | None:
-        if len(state["images"]) + len(state["pending"]) + len(paths) > max_images:
-            return f"At most {max_images} images per conversation; press Clear to start a new one."
-        for p in paths:
-            name = os.path.basename(p)
-            try:
-                open_image(p, max_pixels=max_pixels)
-            except ImageError as e:
-                return f"{name}: {e.kind} ({e.detail.replace(p, name)}). To do: {e.hint}."
-        return None
+    limits = ImageLimits(max_pixels, max_side, max_aspect_ratio)
 
     def on_submit(message, history, state):
         """Show the user's images and text; remember them for `on_reply`."""
@@ -79,7 +91,7 @@ def build_app(generator, settings, *, system: str | None = None, max_pixels: int
         state["question"] = None
         if not text and not files:
             return gr.MultimodalTextbox(value=None), history, state
-        problem = image_problem(files, state)
+        problem = upload_problem(files, state, limits, max_images)
         if problem:  # keep the typed text, drop the files, say why
             gr.Warning(problem, duration=15)
             return gr.MultimodalTextbox(value={"text": text, "files": []}), history, state
@@ -99,8 +111,8 @@ def build_app(generator, settings, *, system: str | None = None, max_pixels: int
             return
         session = ChatSession(generator, settings, system=system,
                               turns=[Turn(r, t) for r, t in state["turns"]],
-                              images=[open_image(p, max_pixels=max_pixels) for p in state["images"]],
-                              pending=[open_image(p, max_pixels=max_pixels) for p in state["pending"]])
+                              images=[limits.open(p) for p in state["images"]],
+                              pending=[limits.open(p) for p in state["pending"]])
         user = session.user_turn(question)
         base = session.turns + [user]
         turns = ([Turn("system", system)] if system else []) + base
@@ -171,7 +183,7 @@ def run(args) -> int:
     log_path = route_library_warnings("web", args.log)
     print(f"loading {args.model} ... (library warnings go to {log_path})", flush=True)
     generator = load_generator(args)
-    app = build_app(generator, settings, system=args.system, max_pixels=args.max_pixels,
+    app = build_app(generator, settings, system=args.system, **limits_from_args(args).as_kwargs(),
                     max_images=args.max_images)
     if not _is_loopback(args.host):
         print(f"warning: binding {args.host}: anyone who can reach this machine can use the page "
