@@ -121,6 +121,28 @@ def test_non_finite_gradients_with_a_finite_loss_are_caught_without_clipping(tin
         run_training(_write(tmp_path, tree))
 
 
+def test_non_finite_weights_are_never_saved_as_the_final_model(tiny_dirs, dataset, tmp_path, monkeypatch):
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):  # the update of step 2 leaves a NaN weight (the loss of step 2 was finite)
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run = tmp_path / "w"
+    tree = _cfg(tiny_dirs, dataset, run, max_steps=2, save_every=1)
+    with pytest.raises(NonFiniteError, match=r"weights are non-finite after step 2; not saving them, and the last "
+                                             r"complete checkpoint, checkpoint-1, is intact"):
+        run_training(_write(tmp_path, tree))
+    assert not (run / "model").exists() and not (run / "final.tmp").exists()
+    assert _finite(run / "checkpoint-1" / "model.safetensors")
+
+
 # --- one run per folder -------------------------------------------------------------------------
 _HOLD = ("import sys, time; from llavakit.train.runlog import RunLock; RunLock(sys.argv[1]).acquire(); "
          "print('locked', flush=True); time.sleep(120)")
@@ -319,3 +341,45 @@ def test_disk_full_during_the_final_save_leaves_no_half_written_model(tiny_dirs,
     assert e.value.errno == errno.ENOSPC
     run = tmp_path / "fin"
     assert not (run / "projector.safetensors").exists() and not (run / "final.tmp").exists()
+
+
+# --- several processes: refusals reach every rank (no rank left waiting) ------------------------------
+def _launch2(cfg_path, *extra):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(29600 + os.getpid() % 1000), "-m", "llavakit.cli", "train", str(cfg_path), *extra]
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_locked_folder_and_a_changed_resume_then_resume_on_one(tiny_dirs, dataset, tmp_path):
+    run = tmp_path / "ddp"
+    tree = _cfg(tiny_dirs, dataset, run, max_steps=3, save_every=1, batch_size=2)
+    tree["data"]["group_by_length"] = False
+    path = _write(tmp_path, tree)
+    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    first = subprocess.run(_launch2(path), env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ref = read_losses(run / "losses.jsonl")
+
+    changed = subprocess.run(_launch2(path, "--resume", "--train.seed=3"), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert changed.returncode != 0 and "train.seed: 0 -> 3" in changed.stderr, changed.stderr[-3000:]
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        locked = subprocess.run(_launch2(path, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+        assert locked.returncode != 0 and f"PID {holder.pid}" in locked.stderr, locked.stderr[-3000:]
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # 1 process x 4 samples is the same global micro-batch as 2 x 2: allowed, and the losses continue exactly
+    one = subprocess.run([sys.executable, "-m", "llavakit.cli", "train", str(path), "--resume", "--train.batch_size=4",
+                          "--resume-allow", "batch_size,num_processes"], env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "num_processes: 2 -> 1" in one.stdout and "resumed from" in one.stdout
+    got = read_losses(run / "losses.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert got[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-4, abs=1e-5)
