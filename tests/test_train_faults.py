@@ -383,3 +383,25 @@ def test_two_processes_refuse_a_locked_folder_and_a_changed_resume_then_resume_o
     got = read_losses(run / "losses.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3]
     assert got[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_disk_full_on_the_loss_log_is_a_clear_error(tiny_dirs, dataset, tmp_path, monkeypatch):
+    import builtins
+
+    import llavakit.train.runlog as runlog
+
+    n = {"appends": 0}
+
+    def fake_open(file, mode="r", *a, **k):
+        if str(file).endswith("losses.jsonl") and mode == "a":
+            n["appends"] += 1
+            if n["appends"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *a, **k)
+
+    monkeypatch.setattr(runlog, "open", fake_open, raising=False)
+    run = tmp_path / "log"
+    with pytest.raises(TrainingError, match=r"could not write the loss log: .*losses.jsonl: ENOSPC .*cut-off last "
+                                            r"line is dropped on --resume"):
+        run_training(_write(tmp_path, _cfg(tiny_dirs, dataset, run, max_steps=3)))
+    assert _steps(run) == [1]

@@ -137,9 +137,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_las
     return final
 
 
-def write_error(err: BaseException | None, where: Path, what: str, run_dir: Path, intact: Path | None):
+def write_error(err: BaseException | None, where: Path, what: str, run_dir: Path, intact: Path | None,
+                note: str = "the partial files were removed"):
     """A `TrainingError` that says which file could not be written and why (ENOSPC named as such)."""
-    filename = getattr(err, "filename", None) or _newest_file(where) or where
+    filename = getattr(err, "filename", None) or (_newest_file(where) if where.is_dir() else None) or where
     code = getattr(err, "errno", None)
     free = _free_bytes(run_dir)
     disk_full = code == errno.ENOSPC or (free is not None and free < 1 << 20)
@@ -149,7 +150,7 @@ def write_error(err: BaseException | None, where: Path, what: str, run_dir: Path
               else str(err) if err is not None else "a write failed on another process")
     keep = f"the last complete checkpoint {intact.name} is intact" if intact else "no complete checkpoint exists yet"
     todo = "free some space" if disk_full else "fix the cause"
-    e = TrainingError(f"could not write {what}: {filename}: {reason}. The partial files were removed and {keep}; "
+    e = TrainingError(f"could not write {what}: {filename}: {reason}. {note[:1].upper()}{note[1:]} and {keep}; "
                       f"{todo} and continue with --resume")
     e.errno = errno.ENOSPC if disk_full else code
     e.filename = str(filename)

@@ -256,8 +256,14 @@ def append_loss(path: Path, step: int, loss: float, lr: float, nonfinite: bool =
     row = {"step": step, "loss": loss, "lr": lr}
     if nonfinite:  # the loss or the gradients were NaN/inf: the weights were not updated at this step
         row["nonfinite"] = True
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # e.g. ENOSPC: say so; --resume drops a cut-off line
+        from .checkpoint import write_error
+
+        raise write_error(e, path, "the loss log", path.parent, latest_checkpoint(path.parent),
+                          note="a cut-off last line is dropped on --resume") from e
 
 
 def truncate_loss_log(path: Path, step: int, say=print) -> None:
@@ -295,8 +301,9 @@ def _parse_losses(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 def read_losses(path: Path) -> list[dict]:
     """The rows of a loss log; an unparseable last line (a write cut short) is skipped with a warning."""
     rows, bad = _parse_losses(path)
-    lines = [x for x in Path(path).read_text(errors="replace").splitlines() if x.strip()]
-    if bad and (len(bad) > 1 or bad[0][1] != lines[-1]):
+    lines = Path(path).read_text(errors="replace").splitlines()
+    last = max((n for n, x in enumerate(lines, 1) if x.strip()), default=0)
+    if bad and (len(bad) > 1 or bad[0][0] != last):
         n, line = bad[0]
         raise ValueError(f"{path}, line {n}: not a loss record: {line[:80]!r}")
     if bad:
