@@ -230,3 +230,31 @@ def test_library_warnings_go_to_the_log_not_the_terminal(tmp_path, capfd):
         for n, (handlers, propagate) in saved.items():
             logging.getLogger(n).handlers[:] = handlers
             logging.getLogger(n).propagate = propagate
+
+
+def test_chat_and_eval_open_run_folders_and_explain_what_they_cannot(saved_model, tmp_path, capsys):
+    """`--model` takes a finetune run folder (its model/ is used) like `export` does; a LoRA-only run, a
+    pretrain run or a missing folder is a clear one-line error, not a traceback."""
+    import shutil
+
+    from llavakit.cli import main
+    from llavakit.infer.generate import load_generator
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_model, run / "model")
+    (run / "checkpoint-2").mkdir()
+    gen = load_generator(str(run), device="cpu")
+    assert gen.generate([[Turn("user", "hello")]], [[]], GenerationSettings(max_new_tokens=2))
+
+    lora = tmp_path / "lora_run"
+    (lora / "adapter").mkdir(parents=True)
+    (lora / "adapter" / "adapter_config.json").write_text("{}")
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question_id": 1, "question": "hi?", "answer": "yes"}\n')
+    for argv, cmd in ((["chat", "--model", str(lora), "--device", "cpu"], "chat"),
+                      (["eval", "--model", str(lora), "--data", str(data), "--out", str(tmp_path / "e")], "eval"),
+                      (["chat", "--model", str(tmp_path / "nowhere"), "--device", "cpu"], "chat")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # earlier lines: library progress bars
+        assert err.startswith(f"llavakit {cmd}: --model ")
+        assert ("merge-lora" in err) if "lora" in argv[2] else ("does not exist" in err)

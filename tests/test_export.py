@@ -3,10 +3,9 @@ with nothing missing or unexpected and give the same token ids, pixels and logit
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from transformers import (AutoModelForCausalLM, AutoProcessor, LlamaConfig, Llav
 import llavakit
 from llavakit.cli import main
 from llavakit.demo.tiny import make_tokenizer, save_tiny_llm, tiny_llm_config
+from llavakit.data.conversation import Turn
+from llavakit.data.templates import TEMPLATES, get_template, jinja_chat_template
 from llavakit.interop import export, resolve_model_dir
 from llavakit.interop.hf_legacy import legacy_config_dict, legacy_rope_fields, legacy_tokenizer_config
 
@@ -300,21 +301,47 @@ def test_tied_llm_exports_without_lm_head_and_hf_reties_it(built, exported):
 
 
 def test_chat_template_comes_from_the_tokenizer(built, exported):
+    """Without a llavakit template the tokenizer's own one ships, wrapped so that it also takes
+    transformers' list-of-parts messages; plain-string messages render exactly as the tokenizer's."""
     _, processor = built("siglip-qwen2-tied")
     assert processor.tokenizer.chat_template  # the tiny qwen2 ships one
     hp = AutoProcessor.from_pretrained(exported("siglip-qwen2-tied"))
-    assert hp.chat_template == processor.tokenizer.chat_template
+    as_text = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
+               {"role": "user", "content": "Colour?"}]
+    as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
+    expected = processor.tokenizer.apply_chat_template(as_text, tokenize=False, add_generation_prompt=True)
+    assert hp.apply_chat_template(as_text, add_generation_prompt=True) == expected
+    assert hp.apply_chat_template(as_parts, add_generation_prompt=True) == expected
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_exported_llavakit_templates_take_list_of_parts_messages(built, tmp_path, name):
+    """transformers' standard multimodal messages render like the same conversation written as text."""
+    model, processor = built("clip-llama-patch")
+    processor = copy.copy(processor)  # the fixture's is shared
+    processor.template = name
+    hp = AutoProcessor.from_pretrained(export((model, processor), tmp_path / name))
+    as_text = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
+               {"role": "user", "content": "Colour?"}]
+    as_parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
+    t = get_template(name, processor.tokenizer)
+    turns = [Turn(m["role"], m["content"]) for m in as_text]
+    assert hp.apply_chat_template(as_text, add_generation_prompt=True) == t.render_prompt(turns)
+    assert hp.apply_chat_template(as_parts, add_generation_prompt=True) == t.render_prompt(turns)
 
 
 def test_named_llavakit_template_is_rendered_to_jinja(built, tmp_path, monkeypatch):
     """With processor.template set, the Jinja text comes from llavakit.data.templates.jinja_chat_template."""
     model, processor = built("clip-llama-patch")
-    fake = types.ModuleType("llavakit.data.templates")
-    fake.jinja_chat_template = lambda name, tokenizer=None: "{# llavakit:" + name + " #}{{ messages[0]['content'] }}"
-    monkeypatch.setitem(sys.modules, "llavakit.data.templates", fake)
     monkeypatch.setattr(processor, "template", "vicuna_v1")
     hp = AutoProcessor.from_pretrained(export((model, processor), tmp_path / "hf"))
-    assert hp.chat_template == "{# llavakit:vicuna_v1 #}{{ messages[0]['content'] }}"
+    assert hp.chat_template == jinja_chat_template("vicuna_v1", tokenizer=processor.tokenizer)
 
 
 def test_real_llavakit_template_renders_in_transformers(built, tmp_path, monkeypatch):

@@ -297,3 +297,27 @@ def test_kv_cache_is_accepted_under_both_names_without_warnings(tiny_built):
                 model(input_ids=ids["input_ids"], pixel_values=ids["pixel_values"], use_cache=True, **{name: kv})
                 got = model(input_ids=torch.tensor([[5]]), use_cache=True, **{name: kv}).logits[:, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_never_emits_the_image_placeholder(tiny_built):
+    """Even when the image token is the most likely next token (here forced through the LM head), greedy and
+    sampled generation skip it instead of crashing on the next step."""
+    import copy
+
+    model, processor = tiny_built
+    model = copy.deepcopy(model)
+    img = model.config.image_token_id
+    batch = processor(text="USER: <image> what? ASSISTANT:", images=_noise_images(1), return_tensors="pt")
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1][0, -1]  # what the head reads
+        head.weight[img] = hidden / hidden.norm() * head.weight.norm(dim=1).max() * 50
+        logits = model(**batch).logits[0, -1]
+    assert logits.argmax().item() == img  # without suppression greedy decoding would pick it
+    for kw in (dict(do_sample=False), dict(do_sample=True, top_k=2), dict(do_sample=False, suppress_tokens=[0])):
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, **kw)
+        new = out[0, batch["input_ids"].shape[1]:]
+        assert img not in new.tolist()
+        if "suppress_tokens" in kw:
+            assert 0 not in new.tolist()  # the caller's own suppressions are kept

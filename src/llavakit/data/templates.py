@@ -283,6 +283,30 @@ def _end_of_turn(text: str, start: int, specials: list[str]) -> int | None:
 
 
 # --- export ------------------------------------------------------------------------------------------
+# transformers' standard multimodal messages give `content` as a list of parts ({"type": "image"},
+# {"type": "text", "text": ...}). Exported templates accept both spellings and turn parts into text as
+# llavakit's `messages` reader does: an image part is the image marker, parts are joined by newlines.
+CONTENT_TEXT_MACRO = (
+    "{%- macro llavakit_text(c) -%}{%- if c is string or c is none -%}{{- c or '' -}}{%- else -%}"
+    "{%- for p in c -%}{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- if p['type'] == 'image' -%}{{- '" + IMAGE_MARKER + "' -}}"
+    "{%- elif p['type'] == 'text' -%}{{- p['text'] -}}"
+    "{%- else -%}{{- raise_exception('content part of type ' + p['type'] + ' is not supported') -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+
+
+def multimodal_chat_template(template: str) -> str:
+    """Wrap a text-only chat template (an LLM's own) so that it also accepts list-of-parts content: the
+    messages are rewritten to text first (`CONTENT_TEXT_MACRO`), then `template` runs unchanged."""
+    return (CONTENT_TEXT_MACRO
+            + "{%- set llavakit_ns = namespace(items=[]) -%}{%- for m in messages -%}"
+            "{%- if m['content'] is string -%}{%- set llavakit_ns.items = llavakit_ns.items + [m] -%}"
+            "{%- else -%}{%- set llavakit_ns.items = llavakit_ns.items + [{'role': m['role'], "
+            "'content': llavakit_text(m['content'])}] -%}{%- endif -%}{%- endfor -%}"
+            "{%- set messages = llavakit_ns.items -%}" + template)
+
+
 def jinja_chat_template(name: str, system: str | None = None, tokenizer=None) -> str:
     """A Jinja chat template (transformers' ``apply_chat_template`` convention) rendering exactly like
     `Template.render` / `render_prompt` for a built-in template; replies sit in ``{% generation %}``
@@ -318,14 +342,15 @@ def jinja_chat_template(name: str, system: str | None = None, tokenizer=None) ->
         return " + ".join(parts) if parts else "''"
 
     default = system if system is not None else s.default_system
-    user_text = ("'" + IMAGE_MARKER + "' * (m['content'].split('" + IMAGE_MARKER + "') | length - 1)"
-                 if s.user_markers_only else "m['content']")
+    user_text = ("'" + IMAGE_MARKER + "' * (llavakit_text(m['content']).split('" + IMAGE_MARKER + "') | length - 1)"
+                 if s.user_markers_only else "llavakit_text(m['content'])")
     out = [
+        CONTENT_TEXT_MACRO,
         "{%- set ns = namespace(system=" + (json.dumps(default, ensure_ascii=False) if default is not None else "none")
         + ", fold=false) -%}",
         "{%- set msgs = messages -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set ns.system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}{%- endif -%}",
+        "{%- set ns.system = llavakit_text(messages[0]['content']) -%}{%- set msgs = messages[1:] -%}{%- endif -%}",
         "{{- " + lit(s.bos) + " -}}",
     ]
     if s.system is not None:
@@ -344,7 +369,7 @@ def jinja_chat_template(name: str, system: str | None = None, tokenizer=None) ->
         "{{- " + lit(s.user, "text") + " -}}",
         "{%- elif m['role'] == 'assistant' -%}",
         "{{- " + lit(s.header) + " -}}",
-        "{%- generation -%}{{- " + lit(s.reply, "m['content']") + " -}}{%- endgeneration -%}",
+        "{%- generation -%}{{- " + lit(s.reply, "llavakit_text(m['content'])") + " -}}{%- endgeneration -%}",
         "{{- " + lit(s.after_reply) + " -}}",
         "{%- else -%}{{- raise_exception('role ' + m['role'] + ' is not supported here') -}}",
         "{%- endif -%}",

@@ -84,7 +84,11 @@ def run(args) -> int:
     from llavakit.infer.logs import route_library_warnings
 
     route_library_warnings("eval", out / "library-warnings.log")
-    generator = load_generator(args.model, device=args.device, dtype=args.dtype, template=args.template)
+    try:
+        generator = load_generator(args.model, device=args.device, dtype=args.dtype, template=args.template)
+    except (OSError, ValueError) as e:  # no model there, a LoRA-only run, an unknown format
+        print(f"llavakit eval: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     run_info = {"model": str(args.model), "data": str(data.resolve()), "data_sha256": file_sha256(data),
                 "image_folder": args.image_folder, "batch_size": args.batch_size}
     try:

@@ -89,7 +89,11 @@ def run(args) -> int:
 
     log_path = route_library_warnings("chat", args.log)
     print(f"loading {args.model} ... (library warnings go to {log_path})", file=out, flush=True)
-    generator = load_generator(args)
+    try:
+        generator = load_generator(args)
+    except (OSError, ValueError) as e:  # no model there, a LoRA-only run, an unknown format
+        print(f"llavakit chat: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     session = ChatSession(generator, settings, system=args.system)
     for path, image in first_images:
         session.add_image(image)

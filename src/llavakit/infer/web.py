@@ -182,7 +182,11 @@ def run(args) -> int:
 
     log_path = route_library_warnings("web", args.log)
     print(f"loading {args.model} ... (library warnings go to {log_path})", flush=True)
-    generator = load_generator(args)
+    try:
+        generator = load_generator(args)
+    except (OSError, ValueError) as e:  # no model there, a LoRA-only run, an unknown format
+        print(f"llavakit web: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     app = build_app(generator, settings, system=args.system, **limits_from_args(args).as_kwargs(),
                     max_images=args.max_images)
     if not _is_loopback(args.host):

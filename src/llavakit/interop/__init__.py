@@ -46,6 +46,9 @@ def _config_dict(path: str | Path, **hub_kwargs) -> dict:
         return json.loads(cfg.read_text())
     if p.exists():
         raise ValueError(f"{p} is a file; pass the checkpoint folder that holds config.json")
+    text = str(path)
+    if p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"{p} does not exist (and is not a hub id, which looks like 'org/name')")
     from transformers import PreTrainedConfig  # a hub id: let transformers fetch (or find cached) config.json
 
     return PreTrainedConfig.get_config_dict(str(path), **hub_kwargs)[0]
@@ -69,11 +72,13 @@ def checkpoint_format(path: str | Path, **hub_kwargs) -> str:
 
 def open_checkpoint(path: str | Path, dtype=None, device_map=None, attn_implementation=None, **kwargs):
     """(model, processor) from any checkpoint llavakit understands (see the module docstring); this is
-    `llavakit.load`.
+    `llavakit.load`. A training run folder opens its saved model (`RUN/model`).
 
     `dtype`, `device_map`, `attn_implementation` and hub options (`revision`, `token`, `cache_dir`, ...)
     reach the loader of every format; `vision`/`llm`/`projector_bin` are the original-LLaVA importer's own.
     """
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        path = resolve_model_dir(path)  # a training run folder: its model/ (or a clear error)
     hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
     fmt = checkpoint_format(path, **hub)
     opener = {"llavakit": load_saved, "hf-llava": import_hf_llava, "original-llava": import_original_llava}[fmt]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaProcessor
 
+from ..data.templates import TEMPLATES, jinja_chat_template, multimodal_chat_template
 from ..model.config import LlavakitConfig, parse_dtype
 from ..model.modeling import LlavakitForConditionalGeneration
 from ..model.processor import LlavakitProcessor
@@ -90,19 +91,13 @@ def hf_llava_config(config: LlavakitConfig, dtype: torch.dtype | None = None) ->
 
 def chat_template_for(processor: LlavakitProcessor) -> str | None:
     """The Jinja chat template to ship: the llavakit conversation template the model was trained with
-    (`processor.template`, rendered by `llavakit.data.templates.jinja_chat_template`), else the
-    processor's or the tokenizer's own template."""
-    if getattr(processor, "template", None):
-        try:
-            from llavakit.data.templates import jinja_chat_template
-        except ModuleNotFoundError as e:
-            if e.name != "llavakit.data.templates":
-                raise
-            log.warning("llavakit.data.templates is not available; exporting the tokenizer's chat template "
-                        "instead of %r", processor.template)
-        else:
-            return jinja_chat_template(processor.template, tokenizer=processor.tokenizer)
-    return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    (`processor.template`, rendered by `jinja_chat_template`), else (`auto`, or none recorded) the
+    processor's or the tokenizer's own template, wrapped to accept list-of-parts content too."""
+    name = getattr(processor, "template", None)
+    if name in TEMPLATES:
+        return jinja_chat_template(name, tokenizer=processor.tokenizer)
+    own = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    return multimodal_chat_template(own) if own else None
 
 
 def _hf_image_processor(processor: LlavakitProcessor, config: LlavakitConfig):

@@ -23,8 +23,8 @@ from .processor import LlavakitProcessor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_TOKEN", "ComponentWeightsError", "build", "build_on_meta", "load_language_model", "load_saved",
-           "load_vision_tower"]
+__all__ = ["IMAGE_TOKEN", "ComponentWeightsError", "build", "build_on_meta", "gguf_source", "load_language_model",
+           "load_saved", "load_tokenizer", "load_vision_tower"]
 
 
 def load_vision_tower(vision: str | Path, dtype=None, **hub_kwargs):
@@ -38,7 +38,66 @@ def load_vision_tower(vision: str | Path, dtype=None, **hub_kwargs):
     return tower
 
 
+# Options only the LLM's loader understands: given to `build` with the shared hub options, they go to the LLM alone.
+LLM_ONLY_OPTIONS = ("gguf_file", "quantization_config")
+
+
+def gguf_source(llm: str | Path, gguf_file: str | None = None) -> tuple[Path, str] | None:
+    """(folder, file name) when `llm` is a GGUF file, or a folder holding one GGUF file and no config.json
+    (or `gguf_file` names it); None for an ordinary checkpoint."""
+    p = Path(llm)
+    if gguf_file:
+        return (p, gguf_file) if p.is_dir() else None
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return p.parent, p.name
+    if p.is_dir() and not (p / "config.json").is_file():
+        found = sorted(f.name for f in p.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"{p} holds {len(found)} GGUF files ({', '.join(found)}); pass the one to use as "
+                             f"llm={p / found[0]}")
+        if found:
+            return p, found[0]
+    return None
+
+
+def _require_gguf(path) -> None:
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError as e:
+        raise ImportError(f"{path} is a GGUF file; reading it needs the 'gguf' package: "
+                          "pip install 'llavakit[gguf]'") from e
+
+
+def _load_gguf_llm(folder: Path, name: str, dtype, hub_kwargs):
+    """A GGUF LLM, dequantised by transformers, as an ordinary (saveable, trainable) model in `dtype`.
+
+    transformers marks a model read from GGUF as quantized (it refuses `save_pretrained`); the weights it
+    holds are already dequantised, so the model is rebuilt from its config without the quantization entry
+    and given those weights."""
+    _require_gguf(folder / name)
+    with quiet_transformers():
+        read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32,
+                                                    **hub_kwargs)
+    config = read.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    lm, info = type(read).from_pretrained(None, config=config, state_dict=read.state_dict(),
+                                          dtype=dtype or torch.float32, output_loading_info=True)
+    if getattr(config, "tie_word_embeddings", False):  # the head is the embedding, re-tied by the loader
+        info["missing_keys"] = [k for k in info.get("missing_keys") or [] if k != "lm_head.weight"]
+    check_loading("the GGUF language model", folder / name, info)
+    lm.generation_config = read.generation_config
+    return lm
+
+
 def load_language_model(llm: str | Path, dtype=None, quantization_config=None, **hub_kwargs):
+    """A causal LM from a hub id, a folder, or a GGUF file (dequantised to `dtype`, default float32)."""
+    gguf = gguf_source(llm, hub_kwargs.pop("gguf_file", None))
+    if gguf is not None:
+        if quantization_config is not None:
+            raise ValueError(f"{llm}: quantization_config applies to full-precision checkpoints; a GGUF LLM is "
+                             "dequantised on loading")
+        return _load_gguf_llm(*gguf, dtype, hub_kwargs)
     if quantization_config is not None:
         hub_kwargs["quantization_config"] = quantization_config
     lm, info = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, output_loading_info=True, **hub_kwargs)
@@ -46,19 +105,36 @@ def load_language_model(llm: str | Path, dtype=None, quantization_config=None, *
     return lm
 
 
+def load_tokenizer(llm: str | Path, **hub_kwargs):
+    """The LLM's tokenizer: from its folder / hub id, or from the GGUF file's own vocabulary."""
+    gguf = gguf_source(llm, hub_kwargs.pop("gguf_file", None))
+    if gguf is not None:
+        _require_gguf(gguf[0] / gguf[1])
+        return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1], **hub_kwargs)
+    return AutoTokenizer.from_pretrained(llm, **hub_kwargs)
+
+
 def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
           vision_feature_layer: int | list[int] = -2, vision_feature_select: str = "patch",
           image_aspect: str = "resize", image_tokens: str = "base", dtype: torch.dtype | str | None = None,
-          attn_implementation: str | None = None, llm_quantization_config=None, **hub_kwargs):
-    """A new (model, processor) from a vision encoder and a causal LM, each a hub id or a local path.
+          attn_implementation: str | None = None, llm_quantization_config=None, vision_kwargs: dict | None = None,
+          llm_kwargs: dict | None = None, **hub_kwargs):
+    """A new (model, processor) from a vision encoder and a causal LM, each a hub id or a local path; the
+    LLM may also be a GGUF file (or a folder with one), read through transformers and dequantised to `dtype`.
 
-    The projector is freshly initialised; everything else keeps its pretrained weights.
+    The projector is freshly initialised; everything else keeps its pretrained weights. `hub_kwargs`
+    (`revision`, `token`, `cache_dir`, ...) go to both components' loaders; `vision_kwargs` / `llm_kwargs` to
+    one of them only (they win over `hub_kwargs`). LLM-only options given with the shared ones
+    (`gguf_file`, `quantization_config`) go to the LLM.
     """
     dtype = parse_dtype(dtype)
-    tower = load_vision_tower(vision, dtype=dtype, **hub_kwargs)
-    lm = load_language_model(llm, dtype=dtype, quantization_config=llm_quantization_config, **hub_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(llm, **hub_kwargs)
-    image_processor = AutoImageProcessor.from_pretrained(vision, **hub_kwargs)
+    shared = {k: v for k, v in hub_kwargs.items() if k not in LLM_ONLY_OPTIONS}
+    vision_kwargs = {**shared, **(vision_kwargs or {})}
+    llm_kwargs = {**hub_kwargs, **(llm_kwargs or {})}
+    tower = load_vision_tower(vision, dtype=dtype, **vision_kwargs)
+    lm = load_language_model(llm, dtype=dtype, quantization_config=llm_quantization_config, **llm_kwargs)
+    tokenizer = load_tokenizer(llm, **{k: v for k, v in llm_kwargs.items() if k != "quantization_config"})
+    image_processor = AutoImageProcessor.from_pretrained(vision, **vision_kwargs)
     add_image_tokens(tokenizer, lm)
     tokenizer.padding_side = "left"  # the processor serves generation; training collators pad themselves
     model, processor = assemble(

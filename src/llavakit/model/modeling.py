@@ -58,6 +58,18 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
     def get_decoder(self):
         return self.language_model.get_decoder()
 
+    # --- generation -----------------------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, never emitting the image placeholder: its embedding row is the mean
+        of all rows, so sampling could pick it, and the next step would then expect image features that
+        do not exist. It is added to `suppress_tokens` (the caller's own are kept)."""
+        image_token_id = self.config.image_token_id
+        if image_token_id is not None:
+            config = kwargs.get("generation_config") or self.generation_config
+            given = kwargs.get("suppress_tokens", getattr(config, "suppress_tokens", None)) or []
+            kwargs["suppress_tokens"] = list(dict.fromkeys([*given, image_token_id]))
+        return super().generate(*args, **kwargs)
+
     # --- vision ---------------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Selected vision-tower hidden states before the projector: [N_img, T, D_vis * n_layers]."""
