@@ -1,10 +1,10 @@
 """Training faults: non-finite losses, two runs in one folder, resumes with another config, damaged
 run folders (partial loss line, corrupt checkpoint, corrupt RNG state) and a full disk."""
+# ruff: noqa: F811 - `dataset` is test_train's fixture, imported to share it
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -155,7 +155,7 @@ def test_a_live_run_locks_its_folder_and_a_dead_one_leaves_a_stale_lock(tiny_dir
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        import llavakit.train.loop as loop
+        from llavakit.train import loop
 
         def no_model(cfg):  # the lock is checked before anything slow
             raise AssertionError("the model was loaded although the folder is locked")
@@ -287,7 +287,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(saved_run,
 
 
 def test_a_corrupt_rng_state_is_an_error_unless_allowed(saved_run, capsys):
-    run, path, ref = saved_run
+    run, path, _ = saved_run
     (run / "checkpoint-3" / "random_states_0.pkl").write_bytes(b"not a pickle")
     with pytest.raises(TrainingError, match=r"cannot resume exactly: the RNG state .*random_states_0.pkl is "
                                             r"unreadable.*--resume-allow rng_state"):
@@ -357,18 +357,19 @@ def test_two_processes_refuse_a_locked_folder_and_a_changed_resume_then_resume_o
     tree["data"]["group_by_length"] = False
     path = _write(tmp_path, tree)
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}
-    first = subprocess.run(_launch2(path), env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(_launch2(path), env=env, capture_output=True, text=True, check=False, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     ref = read_losses(run / "losses.jsonl")
 
     changed = subprocess.run(_launch2(path, "--resume", "--train.seed=3"), env=env, capture_output=True, text=True,
-                             timeout=300)
+                             check=False, timeout=300)
     assert changed.returncode != 0 and "train.seed: 0 -> 3" in changed.stderr, changed.stderr[-3000:]
 
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        locked = subprocess.run(_launch2(path, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+        locked = subprocess.run(_launch2(path, "--resume"), env=env, capture_output=True, text=True, check=False,
+                                timeout=300)
         assert locked.returncode != 0 and f"PID {holder.pid}" in locked.stderr, locked.stderr[-3000:]
     finally:
         holder.kill()
@@ -377,7 +378,7 @@ def test_two_processes_refuse_a_locked_folder_and_a_changed_resume_then_resume_o
     # 1 process x 4 samples is the same global micro-batch as 2 x 2: allowed, and the losses continue exactly
     one = subprocess.run([sys.executable, "-m", "llavakit.cli", "train", str(path), "--resume", "--train.batch_size=4",
                           "--resume-allow", "batch_size,num_processes"], env=_env(), capture_output=True, text=True,
-                         timeout=600)
+                         check=False, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "num_processes: 2 -> 1" in one.stdout and "resumed from" in one.stdout
     got = read_losses(run / "losses.jsonl")
@@ -388,7 +389,7 @@ def test_two_processes_refuse_a_locked_folder_and_a_changed_resume_then_resume_o
 def test_disk_full_on_the_loss_log_is_a_clear_error(tiny_dirs, dataset, tmp_path, monkeypatch):
     import builtins
 
-    import llavakit.train.runlog as runlog
+    from llavakit.train import runlog
 
     n = {"appends": 0}
 

@@ -182,7 +182,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                 try:
                     tracker.finish()
                 except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
+                    log.debug("closing tracker %s failed", tracker, exc_info=True)
         if lock is not None:
             lock.release()
         if world == 1:  # let a later run in this process (e.g. stage 2 after stage 1) choose its own precision

@@ -177,7 +177,9 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, num_processes: int, say=p
     free = {k: d for k, d in diff.items() if k in RESUME_FREE}
     allowed = {k: d for k, d in diff.items() if k not in free and _allowed(k, allow)}
     refused = {k: d for k, d in diff.items() if k not in free and k not in allowed}
-    lines = lambda ds: "".join(f"\n  {k}: {a!r} -> {b!r}" for k, (a, b) in ds.items())  # noqa: E731
+    def lines(ds: dict) -> str:
+        return "".join(f"\n  {k}: {a!r} -> {b!r}" for k, (a, b) in ds.items())
+
     if refused:
         names = ",".join(refused)
         raise ConfigError(
