@@ -24,14 +24,15 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
 from .conversation import IMAGE_MARKER, Conversation, Problem, SampleError, Turn
-from .sources import (FORMATS, DataSourceError, RowError, container_kind, describe_source, hf_dataset, hf_rows,
-                      json_rows)
+from .jsonrows import json_rows
+from .sources import FORMATS, DataSourceError, RowError, container_kind, describe_source, hf_dataset, hf_rows
 from .writers import ROW_SCHEMAS, write_conversations
 
 __all__ = ["FORMATS", "ROW_SCHEMAS", "DataSourceError", "detect_format", "iter_conversations", "load_conversations",
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Accepted role spellings -> our roles. Exact keys only: an unknown role is an error, never a guess.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # no UTF-8 text holds one; tokenizers refuse them
 KNOWN_KEYS = {
     "llava": {"id", "image", "images", "conversations", "conversation"},
     "messages": {"id", "image", "images", "messages"},
@@ -88,6 +90,17 @@ def _wrong_type(what: str, value: Any, expected: str) -> RowError:
                      f"make {what} {expected}")
 
 
+def _text(value: Any, where: str) -> str:
+    """`value` if it is text a tokenizer can take; else the `RowError` saying why not."""
+    if not isinstance(value, str):
+        raise _wrong_type(where, value, "a string")
+    m = _SURROGATE.search(value)
+    if m:
+        raise RowError(f"not UTF-8: {where} holds the unpaired surrogate \\u{ord(m.group()):04x} at character "
+                       f"{m.start()}", f"fix the text of {where} (a \\udXXX escape must be half of a pair)")
+    return value
+
+
 def _role(name: Any, where: str) -> str:
     if not isinstance(name, str):
         raise _wrong_type(where, name, "a string")
@@ -109,17 +122,13 @@ def _llava_turns(raw: Any, key: str) -> list[Turn]:
                 value = t.get(field)
                 if field == "system" and not value:
                     continue
-                if not isinstance(value, str):
-                    raise _wrong_type(f"{key}[{k}].{field}", value, "a string")
-                turns.append(Turn(role, value))
+                turns.append(Turn(role, _text(value, f"{key}[{k}].{field}")))
             continue
         for field in ("from", "value"):
             if field not in t:
                 raise RowError(f"missing key: {key}[{k}] has no '{field}'",
                                 "every turn needs 'from' (human/gpt/system) and 'value'")
-        if not isinstance(t["value"], str):
-            raise _wrong_type(f"{key}[{k}].value", t["value"], "a string")
-        turns.append(Turn(_role(t["from"], f"{key}[{k}].from"), t["value"]))
+        turns.append(Turn(_role(t["from"], f"{key}[{k}].from"), _text(t["value"], f"{key}[{k}].value")))
     return turns
 
 
@@ -146,13 +155,16 @@ def _message_turns(raw: Any) -> tuple[list[Turn], list[Any]]:
                     if ref is not None:
                         inline.append(ref)
                 elif kind == "text":
-                    pieces.append(part.get("text") or "")
+                    text = part.get("text")
+                    pieces.append("" if text is None else _text(text, f"messages[{k}].content[{j}].text"))
                 else:
                     raise RowError(f"wrong type: messages[{k}].content[{j}] is not an image or text part",
                                     "use {'type': 'image'} or {'type': 'text', 'text': ...} parts")
             content = "\n".join(pieces)
         elif not isinstance(content, str):
             raise _wrong_type(f"messages[{k}].content", content, "a string or a list of parts")
+        else:
+            _text(content, f"messages[{k}].content")
         turns.append(Turn(role, content))
     return turns, inline
 
@@ -166,6 +178,11 @@ def _image_ref(value: Any, where: str, base: str | None) -> Any:
         return value
     if isinstance(value, (str, Path)):
         value = str(value)
+        if _SURROGATE.search(value):
+            try:
+                os.fsencode(value)  # bytes that were not UTF-8 name a real file on POSIX; other surrogates cannot
+            except UnicodeError:
+                raise RowError(f"not UTF-8: {where} holds an unpaired surrogate", "fix the image path") from None
         if not value.strip():
             raise RowError(f"wrong type: {where} is an empty path", "give the image's file name or drop the key")
         if "://" in value or os.path.isabs(value):
@@ -189,13 +206,24 @@ def _images(row: dict, base: str | None) -> list[Any]:
     return [_image_ref(v, f"'{key}'" if len(values) == 1 else f"'{key}'[{i}]", base) for i, v in enumerate(values)]
 
 
+def _sample_id(raw: Any) -> str | None:
+    """The row's id as text (None when it has none, or one of the wrong type), printable as it is."""
+    if not isinstance(raw, (str, int)) or isinstance(raw, bool):
+        return None
+    try:
+        text = str(raw)
+    except ValueError:  # an integer with more digits than Python converts
+        return f"<an integer of {raw.bit_length()} bits>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # unpaired surrogates written as \udXXX
+
+
 def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_folder: str | None = None,
               warn_unknown_keys: bool = True) -> tuple[Conversation | None, list[Problem]]:
     """One raw row -> (conversation or None, problems). Never raises on bad data."""
     if schema not in ROW_SCHEMAS:
         raise ValueError(f"unknown row schema {schema!r}; valid: {list(ROW_SCHEMAS)}")
     raw_id = row.get("id") if isinstance(row, dict) else getattr(row, "id", None)
-    sid = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else None
+    sid = _sample_id(raw_id)
     problems: list[Problem] = []
 
     def problem(severity: str, reason: str, hint: str) -> None:
@@ -227,9 +255,14 @@ def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_fold
         sid = sid if sid is not None else e.id
         problem("error", e.reason, e.hint)
         return None, problems
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        # A shape no check above foresaw: still this row's problem, never the end of the reading.
+        problem("error", f"unreadable row: {type(e).__name__}: {e}",
+                f"make the row a {schema} row as docs/data.md describes, or remove it")
+        return None, problems
 
     if warn_unknown_keys:
-        for key in sorted(set(row) - KNOWN_KEYS[schema]):
+        for key in sorted(set(row) - KNOWN_KEYS[schema], key=str):
             problem("warning", f"unknown key: {key!r} is not a {schema} field and is ignored",
                     f"remove it, or check its spelling against {sorted(KNOWN_KEYS[schema])}")
     conv = Conversation(turns, images, id=sid, index=index, source=source, meta={"format": schema})

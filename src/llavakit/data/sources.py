@@ -1,11 +1,10 @@
-"""Containers: where dataset rows come from — a ``.json`` array or ``.jsonl`` file, or a Hugging Face
-``datasets`` source (object, ``save_to_disk`` folder, parquet / arrow files, optionally streamed).
-Each yields ``(index, row)`` pairs; turning a row into a conversation is `llavakit.data.formats`'."""
+"""Containers: where dataset rows come from — a ``.json`` array or ``.jsonl`` file (read by
+`llavakit.data.jsonrows`), or a Hugging Face ``datasets`` source (object, ``save_to_disk`` folder,
+parquet / arrow files, optionally streamed). Each yields ``(index, row)`` pairs, a row that cannot
+be read as a `RowError` in its place; turning a row into a conversation is `llavakit.data.formats`'."""
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,57 +47,6 @@ def container_kind(source: Any, format: str) -> str:
         return "json"
     raise DataSourceError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
                           f"use .json/.jsonl, a datasets folder or parquet, or pass --format {'|'.join(FORMATS[1:])}")
-
-
-def first_line(path: Path) -> str:
-    with path.open(encoding="utf-8-sig") as f:
-        return next((line.strip() for line in f if line.strip()), "")
-
-
-def json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(index, row) pairs; a row that is not valid JSON comes back as a `RowError`.
-
-    A JSON array is indexed by position, JSONL by line (index = line number - 1) and read lazily,
-    line by line. A ``.json`` that is really JSONL, or the reverse, is read for what it is.
-    """
-    first = first_line(path)
-    if first.startswith("[") or (first.startswith("{") and not parses_as_json(first)):
-        text = path.read_text(encoding="utf-8-sig")
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as e:
-            if first.startswith("["):
-                raise DataSourceError(
-                    f"{path}: unreadable JSON at line {e.lineno} column {e.colno}: {e.msg}; "
-                    "fix the file (a JSON array must parse as a whole) or convert it to JSONL") from None
-            whole = None  # JSONL whose first line is broken
-        if isinstance(whole, list):
-            yield from enumerate(whole)
-            return
-        if isinstance(whole, dict):  # one pretty-printed object
-            yield 0, whole
-            return
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno - 1, json.loads(line)
-            except json.JSONDecodeError as e:
-                # Salvage the id from the broken text, so the report can still name the sample.
-                m = re.search(r'"id"\s*:\s*"?([^",}]*)', line)
-                yield lineno - 1, RowError(
-                    f"unreadable json: line {lineno}, column {e.colno}: {e.msg}",
-                    f"fix line {lineno} of {path.name} (each JSONL line must be one complete JSON object)",
-                    id=m.group(1) if m else None)
-
-
-def parses_as_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
 
 
 def hf_dataset(source: Any, split: str, streaming: bool):
