@@ -5,6 +5,7 @@ run folders (partial loss line, corrupt checkpoint, corrupt RNG state) and a ful
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -234,6 +235,24 @@ def test_an_allowed_change_resumes_and_keeps_the_original_config(finished_run, c
     # the next resume compares with the newest checkpoint's config (max_steps 4 now): no change, no flag needed
     run_training(path, overrides=["--train.max_steps=4"], resume=True)
     assert (run / "config.resume-2.yaml").is_file() and (run / "config.yaml").read_bytes() == original
+
+
+def test_resume_on_changed_data_at_the_same_path_is_refused_unless_allowed(tiny_dirs, dataset, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    rows = json.loads((dataset / "train.json").read_text())
+    data.write_text(json.dumps(rows))
+    tree = _cfg(tiny_dirs, dataset, tmp_path / "d", max_steps=2, save_every=1)
+    tree["data"]["train"] = str(data)
+    path = _write(tmp_path, tree)
+    run = run_training(path)
+    data.write_text(json.dumps(rows[:-1]))  # one sample fewer, same file name
+    with pytest.raises(ConfigError, match=r"(?s)training data differs from what checkpoint-1 was trained on:\n  "
+                                          r"data.content: '16 samples, .*' -> '15 samples, .*--resume-allow data.content"):
+        run_training(path, resume=True)
+    capsys.readouterr()
+    run_training(path, overrides=["--train.resume_allow=data.content"], resume=True)
+    assert "resuming with other training data" in capsys.readouterr().out
+    assert _steps(run) == [1, 2]
 
 
 # --- damaged run folders ------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from .checkpoint import (any_process, install_hooks, latest_checkpoint, load_lat
                          write_error)
 from .config import ConfigError, RunConfig, TrainingError
 from .recipes import PROJECTOR_FILE, apply_stage, assemble, trainable_table
-from .runlog import (LOSS_LOG, RNG_ALLOW, RunLock, append_loss, check_resume_config, flat_config, guard_output_dir,
-                     plot_losses, progress_bar, read_losses, trackers, truncate_loss_log, write_run_config)
+from .runlog import (LOSS_LOG, RNG_ALLOW, RunLock, append_loss, check_resume_config, check_resume_data,
+                     data_fingerprint, flat_config, guard_output_dir, plot_losses, progress_bar, read_losses, trackers,
+                     truncate_loss_log, write_run_config)
 
 __all__ = ["train", "prepare_data", "epoch_order", "rank_batches", "make_loader", "make_optimizer", "make_collator",
            "optimizer_step", "save_final", "supervised_count", "read_losses", "plot_losses", "LOSS_LOG",
@@ -233,6 +234,9 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
     model, processor = assemble(cfg)
     processor.template = cfg.data.template
     dataset = prepare_data(cfg, processor, say, run_dir if main else None)
+    fingerprint = data_fingerprint(dataset)
+    if resume:
+        check_resume_data(run_dir, cfg, fingerprint, say)
     model, groups = apply_stage(model, cfg)
     say(trainable_table(model, groups))
 
@@ -264,7 +268,7 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
             say(f"resumed from {ckpt} (step {state['step']}, epoch {state['epoch']})")
     if main:
         truncate_loss_log(run_dir / LOSS_LOG, state["step"], say)
-    meta = {"config": cfg.to_dict(), "num_processes": world}
+    meta = {"config": cfg.to_dict(), "num_processes": world, "data": fingerprint}
 
     say(f"training: {len(dataset)} samples, {total_steps} steps of {t.batch_size} x {world} process(es) x "
         f"{t.grad_accum} accumulation = {t.batch_size * world * t.grad_accum} samples/step")

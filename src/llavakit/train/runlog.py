@@ -3,6 +3,7 @@ the guard and lock that keep two runs out of one folder, and the config checks o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -115,6 +116,7 @@ def _read_pid(fd: int) -> int | None:
 RESUME_FREE = ("train.output_dir", "train.log_every", "train.report_to", "train.save_every", "train.keep_last",
                "train.on_nonfinite", "train.max_nonfinite_skips", "train.resume_allow", "data.num_workers",
                "data.check_images")
+DATA_KEY = "data.content"  # resume_allow entry for other data (same or other path): sample count + token lengths
 RNG_ALLOW = "rng_state"  # resume_allow entry that accepts an unreadable RNG state (a non-exact resume)
 
 
@@ -146,15 +148,9 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, num_processes: int, say=p
     must be named in ``train.resume_allow`` (``--resume-allow``). The global micro-batch
     (batch_size x processes) can never change: the checkpoint's place in the data counts in it.
     """
-    ckpts = complete_checkpoints(run_dir)
-    if not ckpts:
+    if not complete_checkpoints(run_dir):
         return
-    meta, source = None, None
-    for ckpt in reversed(ckpts):
-        meta = checkpoint_run_meta(ckpt)
-        if meta and meta.get("config"):
-            source = ckpt.name
-            break
+    meta, source = resume_meta(run_dir)
     saved_tree = (meta or {}).get("config")
     if saved_tree is None:
         path = newest_config(run_dir)
@@ -170,7 +166,7 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, num_processes: int, say=p
         current["num_processes"] = num_processes
     diff = resume_differences(saved, current)
     allow = [a for a in cfg.train.resume_allow if a != RNG_ALLOW]
-    unknown = [a for a in allow if not any(_allowed(k, [a]) for k in current)]
+    unknown = [a for a in allow if not any(_allowed(k, [a]) for k in [*current, DATA_KEY])]
     if unknown:
         raise ConfigError(f"resume_allow names unknown config key(s) {unknown}; use names like max_steps, "
                           f"train.lr or {RNG_ALLOW}")
@@ -201,6 +197,38 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, num_processes: int, say=p
             f"{lines(allowed)}")
     if free:
         say(f"resuming with changed bookkeeping settings:{lines(free)}")
+
+
+def resume_meta(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(run meta, checkpoint name) of the newest complete checkpoint that has them."""
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        meta = checkpoint_run_meta(ckpt)
+        if meta and meta.get("config"):
+            return meta, ckpt.name
+    return None, None
+
+
+def data_fingerprint(dataset) -> str:
+    """Sample count and a hash of every sample's token length: what the data order is made of."""
+    lengths = getattr(dataset, "lengths", None)
+    digest = hashlib.sha256(json.dumps(list(lengths)).encode()).hexdigest()[:12] if lengths is not None else "?"
+    return f"{len(dataset)} samples, token lengths {digest}"
+
+
+def check_resume_data(run_dir: Path, cfg: RunConfig, fingerprint: str, say=print) -> None:
+    """Refuse a resume whose training data (at the same path) is no longer what the checkpoint saw."""
+    meta, source = resume_meta(run_dir)
+    old = (meta or {}).get("data")
+    if old is None or old == fingerprint:
+        return
+    change = f"\n  {DATA_KEY}: {old!r} -> {fingerprint!r}"
+    if _allowed(DATA_KEY, cfg.train.resume_allow):
+        say(f"resuming with other training data (resume_allow: {DATA_KEY}):{change}")
+        return
+    raise ConfigError(
+        f"--resume: the training data differs from what {source} was trained on:{change}\n"
+        "The samples and their order would not continue the run. Restore the data, start a new run in another "
+        f"train.output_dir, or allow it explicitly: --resume-allow {DATA_KEY}")
 
 
 def newest_config(run_dir: Path) -> Path | None:
