@@ -226,3 +226,51 @@ def test_cli_end_to_end(tiny_built, data, reference, tmp_path, capsys):
     bad.write_text('{"id": 1}\n')
     assert main(["eval", "--model", str(model_dir), "--data", str(bad), "--no-progress"]) == 2
     assert "has no `question` string" in capsys.readouterr().err
+
+
+def test_cli_resume_is_keyed_by_everything_that_changes_predictions(tiny_built, data, tmp_path, capsys):
+    """Another image folder, another model saved at the same path, another dtype: refused with the
+    differences; a record line that is valid JSON but not a record is named, not a crash."""
+    import shutil
+
+    import torch
+
+    from llavakit.cli import main
+
+    model, processor = tiny_built
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
+            "--no-progress", "--device", "cpu", "--limit", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0  # the same command resumes (nothing to do)
+    capsys.readouterr()
+
+    other_images = tmp_path / "images2"
+    shutil.copytree(data.parent, other_images)
+    assert main(args + ["--image-folder", str(other_images)]) == 2
+    assert "image_folder:" in capsys.readouterr().err
+
+    assert main(args + ["--dtype", "bfloat16"]) == 2
+    assert "dtype: 'default' then, 'bfloat16' now" in capsys.readouterr().err
+
+    retrained = model.__class__(model.config)  # another model, saved where the first one was
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.normal_()
+    retrained.save_pretrained(model_dir)
+    assert main(args) == 2
+    assert "model_fingerprint:" in capsys.readouterr().err
+
+    with open(out / PREDICTIONS, "a") as f:
+        f.write("{}\n")
+    assert main(args + ["--overwrite"]) == 0  # --overwrite starts over
+    capsys.readouterr()
+    with open(out / PREDICTIONS, "a") as f:
+        f.write("{}\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "line 3 is JSON but not a prediction record" in err

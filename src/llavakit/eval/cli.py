@@ -64,7 +64,7 @@ def run(args) -> int:
     import logging
 
     from llavakit.eval.metrics import get_metric
-    from llavakit.eval.runner import EvalDataError, evaluate, file_sha256, read_samples
+    from llavakit.eval.runner import EvalDataError, evaluate, file_sha256, model_fingerprint, read_samples
     from llavakit.infer.generate import GenerationSettings, load_generator
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -89,8 +89,10 @@ def run(args) -> int:
     except (OSError, ValueError) as e:  # no model there, a LoRA-only run, an unknown format
         print(f"llavakit eval: --model {args.model}: {e}", file=sys.stderr)
         return 2
-    run_info = {"model": str(args.model), "data": str(data.resolve()), "data_sha256": file_sha256(data),
-                "image_folder": args.image_folder, "batch_size": args.batch_size}
+    run_info = {"model": str(args.model), "model_fingerprint": model_fingerprint(args.model),
+                "data": str(data.resolve()), "data_sha256": file_sha256(data),
+                "image_folder": str(Path(args.image_folder).resolve()) if args.image_folder else None,
+                "dtype": args.dtype or "default", "batch_size": args.batch_size}
     try:
         metrics = evaluate(generator, samples, out, metric, batch_size=args.batch_size, settings=settings,
                            prompt_suffix=args.prompt_suffix, run_info=run_info, overwrite=args.overwrite,

@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
-# run.json fields that must match for a resumed run to continue the same predictions.
-RESUME_KEYS = ("model", "data", "data_sha256", "template", "prompt_suffix", "max_new_tokens")
+# run.json fields that must match for a resumed run to continue the same predictions: everything that
+# changes a prediction (the model's files, the data's bytes, where images come from, the prompt, the
+# decoding, the precision).
+RESUME_KEYS = ("model", "model_fingerprint", "data", "data_sha256", "image_folder", "template", "prompt_suffix",
+               "max_new_tokens", "dtype")
+_FINGERPRINT_BYTES = 1 << 20
 
 
 class EvalDataError(ValueError):
@@ -205,6 +209,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a saved model folder: its config and, per weight file, the name, the size and
+    the first and last MiB (a safetensors header names every tensor and where it lies; retrained weights
+    differ in the data). A hub id is its own fingerprint."""
+    p = Path(path)
+    if not p.is_dir():
+        return f"id:{path}"
+    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        p = p / "model"  # a training run folder
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.iterdir() if x.is_file() and (x.name == "config.json" or x.suffix in
+                                                                  (".safetensors", ".bin", ".json"))):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_FINGERPRINT_BYTES))
+            if size > 2 * _FINGERPRINT_BYTES:
+                fh.seek(size - _FINGERPRINT_BYTES)
+                h.update(fh.read(_FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
 def load_predictions(path: Path) -> list[dict]:
     """Records already written. A last line cut short by an interruption is removed from the file."""
     if not path.exists():
@@ -217,8 +243,7 @@ def load_predictions(path: Path) -> list[dict]:
         try:
             if not raw.endswith(b"\n"):
                 raise ValueError("no newline")
-            records.append(json.loads(raw))
-            good_end += len(raw)
+            record = json.loads(raw)
         except ValueError:
             if k != len(lines) - 1:
                 raise EvalDataError(f"{path} line {k + 1} is not a complete JSON record; the file is damaged. "
@@ -226,6 +251,13 @@ def load_predictions(path: Path) -> list[dict]:
             log.warning("%s: dropping an incomplete last line (interrupted write); its sample runs again", path)
             with open(path, "r+b") as f:
                 f.truncate(good_end)
+            break
+        if not (isinstance(record, dict) and isinstance(record.get("id"), str) and "prediction" in record):
+            raise EvalDataError(f"{path} line {k + 1} is JSON but not a prediction record (an object with 'id' and "
+                                "'prediction'); the file was edited or damaged. Delete the line (its sample is then "
+                                "evaluated again) or use --overwrite.")
+        records.append(record)
+        good_end += len(raw)
     return records
 
 
