@@ -15,6 +15,20 @@ from PIL import Image
 IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
 
+
+def strip_markers(text: str) -> str:
+    """`text` with no ``<image>`` left, however it was nested: removing ``<image>`` from
+    ``<<image>image>`` once would leave one. For typed text, where images come from attachments only."""
+    if IMAGE_MARKER not in text:
+        return text
+    out: list[str] = []
+    n, last = len(IMAGE_MARKER), IMAGE_MARKER[-1]
+    for ch in text:  # one pass: a marker completed at the end of what is kept is dropped at once
+        out.append(ch)
+        if ch == last and len(out) >= n and "".join(out[-n:]) == IMAGE_MARKER:
+            del out[-n:]
+    return "".join(out)
+
 # A path (str, already resolved against --image-folder), encoded bytes, or a decoded PIL image.
 ImageRef = Union[str, bytes, Image.Image]
 

@@ -21,7 +21,13 @@ that is not a special token) a ``"▁"`` the whole string would not have.
 
 ``<image>`` markers never go through the tokenizer: image k becomes exactly ``image_tokens[k]`` copies
 of ``image_token_id`` (`expand_image_tokens`; the counts come from the processor, which owns them:
-``processor.image_token_counts``), unsupervised. Over-long samples are dropped or truncated by removing whole
+``processor.image_token_counts``), unsupervised.
+
+**Special-token text in content stays text**: a conversation's ``</s>``, ``<|im_end|>``, ``<s>`` ... is
+tokenized as plain text, never as the control token (`llavakit.data.specials`: the spelling is cut out
+of its piece and tokenized with ``split_special_tokens=True``; the text around it is tokenized as it
+always was). Only the template's scaffolding yields special ids, so a reply's labels hold exactly one
+end-of-turn token, and a chat user cannot forge one. Over-long samples are dropped or truncated by removing whole
 trailing rounds (a user turn and the assistant reply after it) with their images; a cut never lands
 inside an image's placeholders. `encode_prompt` tokenizes a generation prompt the same way.
 
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .conversation import IMAGE_MARKER, Conversation, SampleError, Turn
+from .specials import mark_plain, plain_ids, split_marked
 from .templates import Template, TemplateError
 
 IGNORE_INDEX = -100
@@ -168,28 +175,30 @@ def tokenize_as_text_start(text: str, tokenizer, keep_prefix: bool = True) -> li
 
 
 def tokenize_segments(segments, tokenizer, image_token_id: int, image_tokens: int | Sequence[int],
-                      tokenization: str = "llm") -> tuple[list[int], list[int]]:
-    """Segments -> (input_ids, labels), one tokenizer call for the mid-text pieces of the sample."""
+                      tokenization: str = "llm", sentinels: tuple[str, str] | None = None) -> tuple[list[int], list[int]]:
+    """Segments -> (input_ids, labels), one tokenizer call for the mid-text pieces of the sample.
+
+    `sentinels`: from `llavakit.data.specials.mark_plain`; the text between them is tokenized as plain text."""
     check_tokenization(tokenization)
-    pieces: list[tuple[str | None, bool]] = []  # None = one image
+    pieces: list[tuple[str | None, bool, bool]] = []  # (text, supervised, plain); text None = one image
     for text, sup in _runs(segments):
         for j, part in enumerate(text.split(IMAGE_MARKER)):
             if j:
-                pieces.append((None, False))
-            if part:
-                pieces.append((part, sup))
+                pieces.append((None, False, False))
+            pieces += [(x, sup, plain) for x, plain in split_marked(part, sentinels) if x]
     # Under llm/llava the tokenizer adds its own prefix (bos): a bos the template wrote is taken off
     # the text, so what follows is tokenized as the start of a text (its word-start marker kept).
     prefix: list[int] = []
     if tokenization != "text":
         add, _ = added_special_ids(tokenizer)
         bos = tokenizer.bos_token
-        wrote_bos = bool(bos) and bool(pieces) and pieces[0][0] is not None and pieces[0][0].startswith(bos)
+        wrote_bos = (bool(bos) and bool(pieces) and pieces[0][0] is not None and not pieces[0][2]
+                     and pieces[0][0].startswith(bos))
         if add and (wrote_bos or tokenization == "llava"):  # LLaVA's first chunk always had its bos
             prefix = add
             if wrote_bos:
                 rest = pieces[0][0][len(bos):]
-                pieces = ([(rest, pieces[0][1])] if rest else []) + pieces[1:]
+                pieces = ([(rest, pieces[0][1], False)] if rest else []) + pieces[1:]
 
     def starts_text(k: int) -> bool:
         """Whether piece k is tokenized as the start of a text (see the module docstring)."""
@@ -200,8 +209,11 @@ def tokenize_segments(segments, tokenizer, image_token_id: int, image_tokens: in
     anchor = _anchor(tokenizer)
     texts, where = [], []
     by_piece: dict[int, list[int]] = {}
-    for k, (part, _) in enumerate(pieces):
+    for k, (part, _, plain) in enumerate(pieces):
         if part is None:
+            continue
+        if plain:
+            by_piece[k] = plain_ids(part, tokenizer, anchor if k > 0 and not starts_text(k) else None)
             continue
         if starts_text(k):
             by_piece[k] = tokenize_as_text_start(part, tokenizer, keep_prefix=False)
@@ -219,7 +231,7 @@ def tokenize_segments(segments, tokenizer, image_token_id: int, image_tokens: in
         by_piece[k] = list(ids)
     input_ids: list[int] = []
     labels: list[int] = []
-    for k, (part, sup) in enumerate(pieces):
+    for k, (part, sup, _) in enumerate(pieces):
         if part is None:
             input_ids.append(image_token_id)
             labels.append(IGNORE_INDEX)
@@ -249,12 +261,13 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
                              f"put exactly one {IMAGE_MARKER} where each image belongs (run `llavakit data check`)")
 
     def run(turns: list[Turn]) -> tuple[list[int], list[int]]:
+        turns, sentinels = mark_plain(turns, tokenizer)
         try:
             segs = template.segments(turns)
         except TemplateError as e:
             raise SampleError.of(conv, f"template {template.name!r} cannot render it: {e}",
                                  "fix the turn roles or choose another template") from e
-        return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization)
+        return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)
 
     ids, labels = run(conv.turns)
     if not any(x != IGNORE_INDEX for x in labels):
@@ -289,5 +302,6 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
 def encode_prompt(turns: list[Turn], template: Template, tokenizer, image_token_id: int,
                   image_tokens: int | Sequence[int], tokenization: str = "llm") -> list[int]:
     """Ids of `template.render_prompt(turns)`, tokenized exactly as training tokenized that text."""
+    turns, sentinels = mark_plain(turns, tokenizer)
     segs = template.segments(turns, add_generation_prompt=True)
-    return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization)[0]
+    return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)[0]

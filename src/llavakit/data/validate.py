@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from .conversation import IMAGE_MARKER, ROLES, Conversation, Problem, SampleError
 from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
+from .specials import special_text_warnings
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
     image_problems = _check_images(convs, limits, full_image_check, workers, progress) if check_images else {}
     first_with_id: dict[str, int] = {}
     for pos, conv in enumerate(convs):
-        found = _structure(conv) + image_problems.get(pos, [])
+        found = _structure(conv) + image_problems.get(pos, []) + special_text_warnings(conv, tokenizer)
         if conv.id is not None:
             if conv.id in first_with_id:
                 found.append(("warning", f"duplicate id: sample #{first_with_id[conv.id]} has the same id",

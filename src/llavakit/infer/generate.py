@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, StoppingCriteria
 
-from llavakit.data.conversation import IMAGE_MARKER, Turn
+from llavakit.data.conversation import IMAGE_MARKER, Turn, strip_markers
 
 FALLBACK_TEMPLATE = "vicuna_v1"  # models without a recorded template and without a chat_template
 
@@ -267,17 +267,18 @@ class ChatSession:
         self.turns, self.images, self.pending = [], [], []
 
     def user_turn(self, text: str) -> Turn:
-        text = text.replace(IMAGE_MARKER, "")  # markers come from attached images only
-        return Turn("user", (IMAGE_MARKER + "\n") * len(self.pending) + text)
+        # Markers come from attached images only; typed special-token text is tokenized as plain text.
+        return Turn("user", (IMAGE_MARKER + "\n") * len(self.pending) + strip_markers(text))
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the reply to ``text``; the exchange joins the history once the reply is complete."""
         turn = self.user_turn(text)
-        turns = ([Turn("system", self.system)] if self.system else []) + self.turns + [turn]
+        turns = ([Turn("system", strip_markers(self.system))] if self.system else []) + self.turns + [turn]
         images = self.images + self.pending
         pieces = []
         for piece in self.generator.stream(turns, images, self.settings):
             pieces.append(piece)
             yield piece
-        self.turns += [turn, Turn("assistant", "".join(pieces).strip())]
+        # A reply that spells <image> must not become an image marker in the next prompt.
+        self.turns += [turn, Turn("assistant", strip_markers("".join(pieces).strip()))]
         self.images, self.pending = images, []

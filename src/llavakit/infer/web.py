@@ -20,7 +20,7 @@ import ipaddress
 import os
 import sys
 
-from llavakit.data.conversation import Turn
+from llavakit.data.conversation import Turn, strip_markers
 from llavakit.data.images import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, ImageError, ImageLimits,
                                   add_limit_arguments, limits_from_args)
 
@@ -115,14 +115,14 @@ def build_app(generator, settings, *, system: str | None = None, max_pixels: int
                               pending=[limits.open(p) for p in state["pending"]])
         user = session.user_turn(question)
         base = session.turns + [user]
-        turns = ([Turn("system", system)] if system else []) + base
+        turns = ([Turn("system", strip_markers(system))] if system else []) + base
         images = session.images + session.pending
         history = list(history) + [{"role": "assistant", "content": ""}]
         done_images = state["images"] + state["pending"]
         reply = ""
 
         def snapshot() -> dict:
-            return {"turns": [[t.role, t.content] for t in base] + [["assistant", reply.strip()]],
+            return {"turns": [[t.role, t.content] for t in base] + [["assistant", strip_markers(reply.strip())]],
                     "images": done_images, "pending": [], "question": None}
 
         yield history, snapshot()
