@@ -33,6 +33,12 @@ class LlavakitPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several in a torch.distributed job."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin):
     def __init__(self, config: LlavakitConfig):
         super().__init__(config)
@@ -146,6 +152,18 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             if self.config.image_tokens != "base" and not isinstance(image_features, (list, tuple)):
                 image_features = self.select_image_features(image_features, image_sizes)
             return self.splice(input_ids, inputs_embeds, image_features)
+        if self.training and _distributed():
+            # A batch without images on one rank while another rank's has some: sharded modules (FSDP,
+            # DeepSpeed ZeRO-3) gather their weights collectively in forward, so every rank must run the
+            # same modules every step or the others wait forever. A blank image goes through the same path
+            # (tower + projector, or the projector alone when features come from a cache) and adds 0.
+            if vision_features is not None:
+                blank = self.multi_modal_projector(inputs_embeds.new_zeros(1, *vision_features.shape[1:]))
+            else:
+                size = int(self.config.vision_config.image_size)
+                channels = int(getattr(self.config.vision_config, "num_channels", 3))
+                blank = self.get_image_features(inputs_embeds.new_zeros(1, channels, size, size))
+            inputs_embeds = inputs_embeds + 0.0 * blank.sum().to(inputs_embeds.dtype)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if prefill and bool((input_ids == self.config.image_token_id).any()):
             n = int((input_ids == self.config.image_token_id).sum())

@@ -300,7 +300,7 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = _text_item(self.dataset, i)
         item["pixel_values"] = None
-        item["vision_features"] = self.cache.get(self.keys[i]) if self.keys[i] else None
+        item["vision_features"] = self.cache.get(self.keys[i])  # [0, T, D] for a text-only sample
         return item
 
 
@@ -314,7 +314,7 @@ class FeatureCollator:
         features = list(features)
         batch = self.inner([{k: v for k, v in f.items() if k != "vision_features"} for f in features])
         vf = [f["vision_features"] for f in features if f.get("vision_features") is not None]
-        if vf:
+        if vf:  # present even when empty [0, T, D]: the model then knows features come from the cache
             batch["vision_features"] = torch.cat(vf)  # [N_img_total, T, D], placeholder order
         return batch
 
