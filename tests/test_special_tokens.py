@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
+from sptok import make_sp_llama_tokenizer
 
 from llavakit.data.conversation import IMAGE_MARKER, Conversation, Turn, strip_markers
 from llavakit.data.specials import find_special_text, mark_plain, special_text_warnings
@@ -19,9 +18,6 @@ from llavakit.data.templates import get_template
 from llavakit.data.tokenize import IGNORE_INDEX, TOKENIZATIONS, encode, encode_prompt
 from llavakit.data.validate import validate
 from llavakit.demo.tiny import make_tokenizer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from sptok import make_sp_llama_tokenizer  # noqa: E402
 
 SEQ = 3
 
@@ -86,7 +82,7 @@ def test_chatml_scaffolding_stays_special_and_content_does_not(tokenizers, name,
 @pytest.mark.parametrize("name", ["byte-level llama", "sentencepiece", "sentencepiece legacy"])
 def test_only_the_spellings_own_ids_change(tokenizers, name, mode, monkeypatch):
     """Against the old tokenization (spellings became special ids): every other id is the same."""
-    import llavakit.data.tokenize as tokenize
+    from llavakit.data import tokenize
     from llavakit.data.specials import plain_ids
 
     tok, image_id = tokenizers[name]
@@ -107,7 +103,7 @@ def test_sentinels_avoid_characters_the_data_uses(tokenizers):
     tok, image_id = tokenizers["byte-level llama"]
     taken = "".join(chr(c) for c in range(0xFDD0, 0xFDF0))  # every noncharacter already in the text
     conv = Conversation([Turn("user", taken + " </s>"), Turn("assistant", "ok" + taken)])
-    marked, sentinels = mark_plain(conv.turns, tok)
+    _, sentinels = mark_plain(conv.turns, tok)
     assert sentinels is not None and not set(sentinels) & set(taken)
     enc = encode(conv, get_template("vicuna_v1", tok), tok, image_id, SEQ)
     assert enc.input_ids.count(tok.eos_token_id) == 1

@@ -37,7 +37,7 @@ CHUNK = 1 << 20  # characters read at a time
 MAX_ROW_CHARS = 64 << 20  # one row larger than this makes the file unreadable (an unclosed string?)
 
 _STRUCTURE = re.compile(r'["\[\]{},]')
-_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.S)  # from just after an opening quote to the closing one
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # from just after an opening quote to the closing one
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 _ID = re.compile(r'"id"\s*:\s*"?([^",}\n]{0,200})')
 _CLOSE = {"]": "[", "}": "{"}

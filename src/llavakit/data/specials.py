@@ -77,8 +77,8 @@ def mark_plain(turns: list[Turn], tokenizer) -> tuple[list[Turn], tuple[str, str
     used = set().union(*(set(t.content) for t in turns))
     free = (c for c in _SENTINELS if c not in used)
     open_, close = next(free), next(free)
-    wrap = lambda m: open_ + m.group() + close  # noqa: E731
-    return [Turn(t.role, pattern.sub(wrap, t.content)) for t in turns], (open_, close)
+    wrapped = open_ + r"\g<0>" + close
+    return [Turn(t.role, pattern.sub(wrapped, t.content)) for t in turns], (open_, close)
 
 
 def split_marked(text: str, sentinels: tuple[str, str] | None) -> list[tuple[str, bool]]:
@@ -140,9 +140,9 @@ def special_text_warnings(conv: Conversation, tokenizer=None) -> list[tuple[str,
     if not where:
         return []
     whose = "the tokenizer's special tokens" if tokenizer is not None else "common special tokens"
-    return [("warning", f"special-token text: {'; '.join(where)} (spelled like {whose})",
-             "it is trained as plain text, never as the control token; if it is left over from a rendered chat "
-             "template (a reply ending in '</s>'), remove it")]
+    hint = ("it is trained as plain text, never as the control token; if it is left over from a rendered chat "
+            "template (a reply ending in '</s>'), remove it")
+    return [("warning", f"special-token text: {'; '.join(where)} (spelled like {whose})", hint)]
 
 
 _COMMON = _pattern(sorted(COMMON_SPECIAL_TEXTS, key=lambda t: (-len(t), t)))
