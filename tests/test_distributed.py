@@ -105,3 +105,27 @@ def test_fsdp_ranks_with_and_without_images_in_one_step_match_one_process(tiny_d
         got = json.loads((tmp_path / f"two.{rank}.json").read_text())
         want = [step[rank] for step in reference]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (rank, got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without GPUs")
+def test_fsdp_config_without_gpus_is_refused_not_run_as_separate_processes(tiny_dirs, tmp_path):
+    """On CPU, accelerate turns the FSDP config into N independent single-process runs; llavakit refuses
+    instead of letting them train separately into one folder."""
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "hi"},
+                                                              {"from": "gpt", "value": "hello"}]}]))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"vision": str(tiny_dirs["clip"]), "llm": str(tiny_dirs["llama"])},
+        "data": {"train": str(data), "template": "vicuna_v1"},
+        "train": {"stage": "finetune", "output_dir": str(tmp_path / "run"), "max_steps": 1, "report_to": "none"}}))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+              "--main_process_port", str(29900 + os.getpid() % 90), "-m", "llavakit.cli", "train", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "accelerate runs FSDP only on GPUs" in r.stdout + r.stderr
+    assert not (tmp_path / "run" / "losses.jsonl").exists()

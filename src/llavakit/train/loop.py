@@ -54,6 +54,15 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        wanted = ("FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else
+                  "DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else "it")
+        raise ConfigError(
+            f"launched as {launched} processes, but accelerate set up each one as a single-process run, so they "
+            f"would train separately into the same folder. accelerate runs {wanted} only on GPUs (or other "
+            "accelerators) and this machine has none; on CPU launch with configs/accelerate/ddp.yaml and "
+            "ACCELERATE_USE_CPU=1 (gloo), or run on GPUs")
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     world = accelerator.num_processes
