@@ -132,6 +132,8 @@ def test_lora_trains_adapters_and_merge_gives_the_same_logits(tiny_dirs, dataset
     tree["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout: the RNG state must resume too
     run = run_training(_write(tmp_path, tree))
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "projector.safetensors").is_file()
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k]  # no full embeddings
 
     # base + adapter, assembled by hand
     from peft import PeftModel
@@ -314,3 +316,26 @@ def test_unfrozen_vision_with_its_own_lr_packing_bf16_checkpointing_and_tensorbo
     assert any(not torch.equal(a, b) for a, b in zip(model.vision_tower.parameters(), base.vision_tower.parameters()))
     assert list(run.rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert all(r["loss"] == r["loss"] for r in read_losses(run / "losses.jsonl"))
+
+
+def test_logged_lr_is_the_llms_when_the_projector_has_its_own(tiny_dirs, dataset, tmp_path):
+    """`train.lr` is what the user set for the LLM; the progress bar and losses.jsonl show that rate, not
+    the projector's own `projector_lr`."""
+    tree = _cfg(tiny_dirs, dataset, tmp_path / "lr", max_steps=2, lr=1e-3, projector_lr=5e-2, schedule="constant")
+    run = run_training(_write(tmp_path, tree))
+    assert [r["lr"] for r in read_losses(run / "losses.jsonl")] == pytest.approx([1e-3, 1e-3])
+
+
+def test_resume_on_a_finished_run_is_refused_until_asked_to_train_longer(tiny_dirs, dataset, tmp_path, capsys):
+    """A finished run resumed again would retrain its last steps and overwrite its model: refused, with
+    how to train longer; raising max_steps continues it."""
+    tree = _cfg(tiny_dirs, dataset, tmp_path / "done", max_steps=3, save_every=2)
+    path = _write(tmp_path, tree)
+    run = run_training(path)
+    model_file = run / "model" / "model.safetensors"
+    before = model_file.stat().st_mtime_ns
+    assert llavakit.cli.main(["train", str(path), "--resume"]) == 2
+    assert "already finished at step 3" in capsys.readouterr().err
+    assert model_file.stat().st_mtime_ns == before and [r["step"] for r in read_losses(run / "losses.jsonl")] == [1, 2, 3]
+    assert llavakit.cli.main(["train", str(path), "--resume", "--train.max_steps=5", "--resume-allow", "max_steps"]) == 0
+    assert [r["step"] for r in read_losses(run / "losses.jsonl")] == [1, 2, 3, 4, 5]

@@ -22,7 +22,7 @@ from test_train import _cfg, _env, _write, dataset  # noqa: F401 - `dataset` is 
 import llavakit.cli
 from llavakit.train import run_training
 from llavakit.train.config import ConfigError, TrainingError
-from llavakit.train.loop import NonFiniteError, read_losses
+from llavakit.train.loop import FINISHED, NonFiniteError, read_losses
 from llavakit.train.runlog import LOCK_FILE, RunLock, RunLockedError
 
 
@@ -232,8 +232,12 @@ def test_an_allowed_change_resumes_and_keeps_the_original_config(finished_run, c
     assert (run / "config.yaml").read_bytes() == original
     assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["train"]["max_steps"] == 4
     assert _steps(run) == [1, 2, 3, 4]
-    # the next resume compares with the newest checkpoint's config (max_steps 4 now): no change, no flag needed
-    run_training(path, overrides=["--train.max_steps=4"], resume=True)
+    # the run is finished now: resuming it again would only retrain its last steps, so it is refused
+    with pytest.raises(ConfigError, match=r"already finished at step 4 .*raise train.max_steps"):
+        run_training(path, overrides=["--train.max_steps=4"], resume=True)
+    assert not (run / "config.resume-2.yaml").exists() and _steps(run) == [1, 2, 3, 4]
+    # the next resume compares with the newest checkpoint's config (max_steps 4 now): only the new change
+    run_training(path, overrides=["--train.max_steps=5", "--train.resume_allow=max_steps"], resume=True)
     assert (run / "config.resume-2.yaml").is_file() and (run / "config.yaml").read_bytes() == original
 
 
@@ -245,6 +249,7 @@ def test_resume_on_changed_data_at_the_same_path_is_refused_unless_allowed(tiny_
     tree["data"]["train"] = str(data)
     path = _write(tmp_path, tree)
     run = run_training(path)
+    (run / FINISHED).unlink()  # as if it had crashed before the end
     data.write_text(json.dumps(rows[:-1]))  # one sample fewer, same file name
     with pytest.raises(ConfigError, match=r"(?s)training data differs from what checkpoint-1 was trained on:\n  "
                                           r"data.content: '16 samples, .*' -> '15 samples, .*--resume-allow data.content"):
@@ -258,11 +263,13 @@ def test_resume_on_changed_data_at_the_same_path_is_refused_unless_allowed(tiny_
 # --- damaged run folders ------------------------------------------------------------------------
 @pytest.fixture()
 def saved_run(tiny_dirs, dataset, tmp_path):
-    """A finished 4-step run with checkpoints 2 and 3, its config path and its losses."""
+    """A 4-step run with checkpoints 2 and 3, its config path and its losses, as a crash just before the
+    end leaves it (no finished.json: a finished run is not resumed)."""
     tree = _cfg(tiny_dirs, dataset, tmp_path / "dmg", max_steps=4, save_every=1, keep_last=2, batch_size=2)
     tree["model"]["attn_implementation"] = "eager"
     path = _write(tmp_path, tree)
     run = run_training(path)
+    (run / FINISHED).unlink()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     return run, path, read_losses(run / "losses.jsonl")
 

@@ -15,6 +15,7 @@ depend on how many processes share it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,6 +38,8 @@ __all__ = ["train", "prepare_data", "epoch_order", "rank_batches", "make_loader"
            "optimizer_step", "save_final", "supervised_count", "read_losses", "plot_losses", "LOSS_LOG",
            "NonFiniteError", "StepResult"]
 log = logging.getLogger(__name__)
+
+FINISHED = "finished.json"  # written when a run saved its final model: {"step", "total_steps", "saved"}
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -91,6 +94,38 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return run_dir
 
 
+def refuse_finished_resume(run_dir: Path, t) -> None:
+    """`--resume` on a run that already reached its last step would retrain the steps after its last
+    checkpoint and overwrite the final model: refuse (before anything is written), and say how to train
+    longer."""
+    done = run_dir / FINISHED
+    if not done.is_file():
+        return
+    finished = json.loads(done.read_text())
+    names = {"model": "model", "projector": PROJECTOR_FILE, "LoRA adapter": "adapter", "vision tower": "vision.safetensors"}
+    if not all((run_dir / names.get(k, k)).exists() for k in finished.get("saved", [])):
+        return  # its final save is gone: resuming writes it again
+    more = (t.max_steps > finished["step"]) if t.max_steps > 0 else \
+        (finished.get("max_steps", 0) > 0 or t.epochs > finished.get("epochs", 0))
+    if not more:
+        ckpt = latest_checkpoint(run_dir)
+        raise ConfigError(
+            f"{run_dir} already finished at step {finished['step']} and saved its final model; --resume has "
+            "nothing to do. To train longer, raise train.max_steps or train.epochs (and pass --resume-allow "
+            f"max_steps or epochs): training then continues from "
+            f"{ckpt.name if ckpt else 'step 0 (no checkpoint was kept)'}")
+
+
+def headline_lr(optimizer, scheduler) -> float:
+    """The learning rate the progress bar and the loss log show: the LLM's when it trains (what `train.lr`
+    sets), else the first group's (the projector's in stage 1)."""
+    lrs = scheduler.get_last_lr()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if str(group.get("name", "")).startswith("llm"):
+            return lr
+    return lrs[0]
+
+
 def _claim_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, world: int, lock: RunLock, say) -> None:
     stale = lock.acquire()
     if stale:
@@ -99,6 +134,7 @@ def _claim_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, world: int, lock
     if resume:
         remove_partial(run_dir)
         check_resume_config(run_dir, cfg, world, say)
+        refuse_finished_resume(run_dir, cfg.train)
     write_run_config(run_dir, cfg, resume)
 
 
@@ -186,7 +222,7 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
                     break
                 res = optimizer_step(accelerator, model, optimizer, scheduler, window, t, world)
                 loss, real_tokens = res.loss, res.tokens
-                lr = scheduler.get_last_lr()[0]
+                lr = headline_lr(optimizer, scheduler)
                 if not res.finite:
                     if main:
                         append_loss(run_dir / LOSS_LOG, state["step"] + 1, loss, lr, nonfinite=True)
@@ -225,6 +261,8 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
         raise err or TrainingError("saving the final model failed on the main process")
     accelerator.end_training()
     if main:
+        (run_dir / FINISHED).write_text(json.dumps({"step": state["step"], "max_steps": t.max_steps,
+                                                    "epochs": t.epochs, "saved": sorted(saved)}) + "\n")
         png = plot_losses(run_dir / LOSS_LOG, run_dir / "loss.png", title=f"{t.stage}: {run_dir.name}")
         skipped = f" ({state['nonfinite_skips']} non-finite step(s) skipped)" if state["nonfinite_skips"] else ""
         say(f"done: {state['step']} steps{skipped}. Saved: " + "; ".join(f"{k} -> {v}" for k, v in saved.items())
@@ -255,7 +293,10 @@ def save_final(accelerator, model, processor, cfg: RunConfig, run_dir: Path) -> 
             save_file(proj, str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
             saved["projector"] = PROJECTOR_FILE
         if stage in ("lora", "qlora"):
-            unwrapped.language_model.save_pretrained(staging / "adapter")
+            # Only the LoRA weights: the embedding rows llavakit added (<image>, <pad>) are rebuilt exactly
+            # by `build` (mean of the trained rows) and LoRA never trains the embeddings, so PEFT's default
+            # of saving a resized embedding (and a tied head) in full would only grow the adapter.
+            unwrapped.language_model.save_pretrained(staging / "adapter", save_embedding_layers=False)
             saved["LoRA adapter"] = "adapter"
             if cfg.train.train_vision:
                 vis = {k: v.contiguous() for k, v in state.items() if k.startswith("vision_tower.")}
