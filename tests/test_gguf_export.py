@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,3 +297,253 @@ def test_llamacpp_server_answers_an_image_request(pairs, tmp_path):
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+# --- SentencePiece (Llama-2 / Vicuna) tokenizers -----------------------------------------------------------
+# Texts where llama.cpp must tokenize exactly as the Hugging Face tokenizer (with and without bos): no text
+# right after a special token, none starting with a space.
+SP_SAME = ["A chat between a curious user and an artificial intelligence assistant.",
+           "USER: What is shown? ASSISTANT: A red circle and a blue square.", "", "a", "\n",
+           "two  spaces,   three and trailing ", "line one\nline two\n\nthree\r\nfour\ttab",
+           "digits 0123456789, 3.14 and 42!", "unicode: é ü ß 日本語 🙂 ∑ \u00a0nbsp",
+           "a ▁ literal ▁▁ piece",
+           "What is <image>", "a</s>", "<s>", "Describe it. <unk>"]
+# Text after a special token: legacy=True tokenizers put '▁' there like llama.cpp, legacy=False ones do not.
+SP_AFTER_SPECIAL = ["USER: <image>\nWhat color is the shape? ASSISTANT:", "<image>\n<image>\nCompare.",
+                    "yes</s>USER: and the colour?", "<s>A chat", "<pad>x<s>\ny"]
+# Text starting with a space: llama.cpp (like the sentencepiece library) gives '▁▁', the fast tokenizer '▁'.
+SP_LEADING_SPACE = [" then", "  two leading spaces", "</s> USER: hi"]
+
+
+def sp_llm_dir(root, legacy: bool):
+    """A tiny Llama whose tokenizer is tests/sptok.py's SentencePiece one (tokenizer.model, as Vicuna ships)."""
+    from sptok import make_sp_llama_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from llavakit.demo.tiny import tiny_llm_config
+
+    d = root / f"sp_llama_legacy_{legacy}"
+    tok = make_sp_llama_tokenizer(d, legacy=legacy)
+    cfg = tiny_llm_config("llama", vocab_size=len(tok))
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sp_pairs(tiny_dirs, tmp_path_factory):
+    """{legacy: (model, processor)}: tiny CLIP/SigLIP + SentencePiece Llama, vicuna_v1. legacy=False
+    (Vicuna-v1.5) with original LLaVA's per-chunk tokenization, legacy=True with llavakit's default."""
+    root = tmp_path_factory.mktemp("sp")
+    out = {}
+    for legacy, vision, tokenization in [(False, "clip", "llava"), (True, "siglip", "llm")]:
+        model, processor = build({**tiny_dirs, "sp": sp_llm_dir(root, legacy)}, vision, "sp")
+        processor.tokenization = tokenization
+        out[legacy] = model, processor
+    return out
+
+
+def json_only(tokenizer, path, legacy: bool):
+    """The same tokenizer as a trained llavakit checkpoint saves it: tokenizer.json, no tokenizer.model.
+    (transformers 5 does not save `legacy`, and reloads a legacy=True Llama tokenizer as legacy=False
+    unless told: passed here so that the reloaded tokenizer behaves as the original, which is checked.)"""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(path)
+    assert not (path / "tokenizer.model").exists()
+    again = AutoTokenizer.from_pretrained(path, legacy=legacy)
+    assert getattr(again, "vocab_file", None) is None
+    for text in SP_SAME + SP_AFTER_SPECIAL + SP_LEADING_SPACE:
+        assert again(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    return again
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["legacy_false", "legacy_true"])
+def test_sentencepiece_tokenizer_keys(sp_pairs, tmp_path, legacy):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from llavakit.interop.gguf_vocab import spm_vocab
+
+    model, processor = sp_pairs[legacy]
+    tok = processor.tokenizer
+    out = export((model, processor), tmp_path / "g", format="gguf", dtype="f32")
+    kv, _ = read(out / "model-f32.gguf")
+    n_vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.pre"] == "default"
+    assert kv["tokenizer.ggml.add_space_prefix"] is True and kv["tokenizer.ggml.add_bos_token"] is True
+    assert kv["tokenizer.ggml.add_eos_token"] is False
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"], kv["tokenizer.ggml.unknown_token_id"],
+            kv["tokenizer.ggml.padding_token_id"]) == (1, 2, 0, tok.pad_token_id)
+    assert list(kv["tokenizer.ggml.tokens"]) == tok.convert_ids_to_tokens(list(range(n_vocab)))
+    types = list(kv["tokenizer.ggml.token_type"])
+    proto = pb.ModelProto.FromString(Path(tok.vocab_file).read_bytes())
+    assert types[:len(proto.pieces)] == [p.type for p in proto.pieces]  # SentencePiece's own types
+    assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
+    assert types.count(gguf.TokenType.BYTE) == 256
+    for added in ("<image>", "<pad>"):  # llavakit's additions: special -> control
+        assert types[tok.convert_tokens_to_ids(added)] == gguf.TokenType.CONTROL
+    assert list(kv["tokenizer.ggml.scores"])[:len(proto.pieces)] == [p.score for p in proto.pieces]
+
+    # a checkpoint saved by transformers 5 has no tokenizer.model: the scores derived from the merge list
+    # are SentencePiece's own
+    from_model = spm_vocab(tok, n_vocab)
+    from_json = spm_vocab(json_only(tok, tmp_path / "tok", legacy), n_vocab)
+    assert (from_model.source, from_json.source) == ("tokenizer.model", "tokenizer.json")
+    assert (from_json.tokens, from_json.types, from_json.scores) == (from_model.tokens, from_model.types,
+                                                                     from_model.scores)
+
+
+def test_sentencepiece_prompt_warnings(sp_pairs):
+    from llavakit.interop.gguf import check_gguf
+
+    model, processor = sp_pairs[False]
+    tokenizer_warnings = [w for w in check_gguf(model, processor) if "'▁'" in w]
+    assert len(tokenizer_warnings) == 1 and "follows a special token" in tokenizer_warnings[0]  # legacy=False
+    processor.tokenization = "llm"
+    try:
+        assert sum("'▁'" in w for w in check_gguf(model, processor)) == 2  # + the text after each image
+    finally:
+        processor.tokenization = "llava"
+    model, processor = sp_pairs[True]
+    assert not [w for w in check_gguf(model, processor) if "'▁'" in w]  # legacy=True: as llama.cpp
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tj: tj["model"].update(byte_fallback=False), "without byte fallback"),
+    (lambda tj: tj["model"].update(merges=tj["model"]["merges"][:3] + tj["model"]["merges"][4:]), "no such merge"),
+    (lambda tj: tj["pre_tokenizer"].update(split=True), "split=False"),
+    (lambda tj: tj.update(normalizer={"type": "NFKC"}), "does not run"),
+])
+def test_sentencepiece_tokenizers_llamacpp_cannot_reproduce_are_refused(sp_pairs, change, message):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from llavakit.interop.gguf_vocab import tokenizer_json, tokenizer_kind
+
+    tj = tokenizer_json(sp_pairs[False][1].tokenizer)
+    assert tokenizer_kind(sp_pairs[False][1].tokenizer) == "llama"
+    change(tj)
+    with pytest.raises(ValueError, match=message):
+        tokenizer_kind(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tj))))
+
+
+@pytest.mark.parametrize("source", ["tokenizer.model", "tokenizer.json"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["legacy_false", "legacy_true"])
+def test_llamacpp_tokenizes_sentencepiece_like_hf(sp_pairs, tmp_path, legacy, source):
+    """llama.cpp's token ids equal the Hugging Face tokenizer's, with and without bos; where llama.cpp's
+    SPM tokenizer has its own rule (text after a special token, a leading space) it does what the legacy
+    tokenizer / the sentencepiece library does, as docs/gguf.md says."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMACPP_SKIP)
+    from sptok import make_sp_llama_tokenizer, slow_llama_ids
+
+    from llavakit.interop.gguf_text import write_text_gguf
+
+    model, processor = sp_pairs[legacy]
+    tok = processor.tokenizer
+    if source == "tokenizer.json":
+        tok = json_only(tok, tmp_path / "tok", legacy)
+    path = tmp_path / "model.gguf"
+    write_text_gguf(path, model.language_model, tok, "f32", None)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    # what a legacy=True tokenizer with the same pieces and additions gives
+    as_legacy = make_sp_llama_tokenizer(tmp_path / "legacy", legacy=True)
+    as_legacy.add_special_tokens({"additional_special_tokens": ["<image>", "<pad>"]}, replace_extra_special_tokens=False)
+    as_legacy.pad_token = "<pad>"  # as llavakit.build adds them
+    assert as_legacy.convert_tokens_to_ids(["<image>", "<pad>"]) == tok.convert_tokens_to_ids(["<image>", "<pad>"])
+    try:
+        def ours(text, bos):
+            return llm.tokenize(text.encode(), add_bos=bos, special=True)
+
+        for text in SP_SAME + SP_AFTER_SPECIAL:
+            for bos in (True, False):
+                assert ours(text, bos) == as_legacy(text, add_special_tokens=bos)["input_ids"], (text, bos)
+                if legacy or text in SP_SAME:
+                    assert ours(text, bos) == tok(text, add_special_tokens=bos)["input_ids"], (text, bos)
+        for text in SP_AFTER_SPECIAL:
+            if not legacy:  # the one difference a legacy=False (Vicuna-v1.5) tokenizer has
+                assert ours(text, True) != tok(text)["input_ids"], text
+        for text in SP_LEADING_SPACE:
+            assert ours(text, True) == slow_llama_ids(tmp_path / "legacy", text, legacy=True), text
+            assert ours(text, True) != tok(text)["input_ids"], text
+        ids = tok("Describe the picture in detail, please! 日本 🙂")["input_ids"]
+        # llama-cpp-python drops the word-start space after a leading bos, as the HF decoder's Strip does
+        assert llm.detokenize(ids).decode() == tok.decode(ids, skip_special_tokens=True)
+    finally:
+        llm.close()
+
+
+def as_4x_tokenizer_json(tok):
+    """The same tokenizer in the form transformers 4 saved Llama tokenizers (the hub's Llama-2 tokenizer.json):
+    no pre-tokenizer, a normalizer that prepends '▁' to every piece and turns spaces into '▁'."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from llavakit.interop.gguf_vocab import tokenizer_json
+
+    tj = tokenizer_json(tok)
+    tj["pre_tokenizer"] = None
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, {
+        "type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tj)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<image>"])
+
+
+def test_llamacpp_tokenizes_a_4x_llama_tokenizer_json_like_hf(sp_pairs, tmp_path):
+    """A tokenizer.json with transformers 4's Llama normalizer prepends '▁' everywhere llama.cpp does: equal
+    ids for every text, leading spaces and text after special tokens included."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMACPP_SKIP)
+    from llavakit.interop.gguf_text import write_text_gguf
+
+    model, processor = sp_pairs[False]
+    tok = as_4x_tokenizer_json(processor.tokenizer)
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [processor.image_token_id, processor.tokenizer.pad_token_id]
+    path = tmp_path / "model.gguf"
+    write_text_gguf(path, model.language_model, tok, "f32", None)
+    kv, _ = read(path)
+    assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.add_space_prefix"] is True
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in SP_SAME + SP_AFTER_SPECIAL + SP_LEADING_SPACE:
+            for bos in (True, False):
+                assert llm.tokenize(text.encode(), add_bos=bos, special=True) == \
+                    tok(text, add_special_tokens=bos)["input_ids"], (text, bos)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["clip_legacy_false_llava", "siglip_legacy_true_llm"])
+def test_llamacpp_sentencepiece_greedy_answers_equal_llavakit(sp_pairs, tmp_path, legacy):
+    """Vicuna-style tokenizer end to end, 24 image questions: llama.cpp's prompt ids equal llavakit's and the
+    greedy answers' token ids are identical (CLIP against the emulated CLS-last graph, see above). Ids, not
+    texts: random weights emit lone byte-fallback tokens, whose invalid UTF-8 the HF decoder and Python's
+    replace-decoding spell differently."""
+    pytest.importorskip("llama_cpp", reason=LLAMACPP_SKIP)
+    from llavakit.infer.generate import GenerationSettings, Generator
+    from llavakit.interop.gguf_runtime import LlamaCppLlava
+
+    model, processor = sp_pairs[legacy]
+    gen = Generator(model, processor)
+    stops = set(gen.eos_token_ids)
+    kwargs = {**GenerationSettings(max_new_tokens=12).generate_kwargs(), "eos_token_id": gen.eos_token_ids,
+              "pad_token_id": processor.tokenizer.pad_token_id}
+    convs = [[Turn("user", "<image>\n" + q)] for _, _, q in CASES]
+    images = [[shape_image(c, p, model.config.vision_config.image_size)] for c, p, _ in CASES]
+    ours, prompts = [], []
+    with cls_last(model) if not legacy else _nothing(), torch.inference_mode():
+        for turns, ims in zip(convs, images):  # one at a time: no padding in the reference ids
+            inputs = gen.encode([turns], [ims])
+            new = model.generate(**inputs, **kwargs)[0, inputs["input_ids"].shape[1]:].tolist()
+            ours.append(new[:next((k for k, t in enumerate(new) if t in stops), len(new))])
+            prompts.append([t for t in inputs["input_ids"][0].tolist() if t != processor.image_token_id])
+    export((model, processor), tmp_path, format="gguf", dtype="f32")
+    theirs = []
+    with LlamaCppLlava(tmp_path / "model-f32.gguf", tmp_path / "mmproj-f32.gguf") as rt:
+        for turns, ims, prompt in zip(convs, images, prompts):
+            text = gen.template.render_prompt(turns).removeprefix(processor.tokenizer.bos_token)
+            a = rt.answer(text, ims, max_new_tokens=12, stop_ids=gen.eos_token_ids)
+            assert a.prompt_text_ids == prompt and a.image_tokens == [processor.image_seq_length], text
+            theirs.append(a.ids)
+    assert len({tuple(o) for o in ours}) > 3, f"degenerate reference answers: {ours}"
+    assert theirs == ours, [(a, b) for a, b in zip(ours, theirs) if a != b]

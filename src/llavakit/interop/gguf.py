@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .gguf_mmproj import check_mmproj, write_mmproj_gguf
 from .gguf_text import QTYPES, check_text_model, write_text_gguf
+from .gguf_vocab import spm_prompt_warnings, tokenizer_kind
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,11 @@ def check_gguf(model, processor) -> list[str]:
     """Raise ValueError naming what is supported if llama.cpp cannot run this model as llavakit does;
     return warnings about known runtime differences."""
     check_text_model(model.language_model)
+    kind = tokenizer_kind(processor.tokenizer)
     warnings = check_mmproj(model, processor)
-    if getattr(processor, "tokenization", "llm") == "llava":
-        warnings.append("the processor tokenizes the text between images separately (tokenization='llava'); "
-                        "llama.cpp does the same per chunk, but a SentencePiece tokenizer is not exported yet")
+    if kind == "llama":  # SentencePiece: llama.cpp's word-start rule vs the tokenizer's (gguf_vocab)
+        warnings += spm_prompt_warnings(processor.tokenizer, getattr(processor, "image_token", None),
+                                        getattr(processor, "tokenization", "llm"))
     return warnings
 
 

@@ -9,17 +9,19 @@ at its media marker and feeds the image embeddings itself.
 
 Supported LLMs: Llama and Mistral (GGUF architecture ``llama``; q/k rows permuted from Hugging
 Face's rotate-half RoPE layout to llama.cpp's interleaved one, as llama.cpp's converter does) and
-Qwen2 (``qwen2``, NeoX RoPE, no permutation). Tokenizers: byte-level BPE (GGUF ``gpt2``) with the
-GPT-2 split regex (``pre = gpt-2``) or Qwen2's / Llama-3's regex; anything else is refused.
+Qwen2 (``qwen2``, NeoX RoPE, no permutation). Tokenizers (`gguf_vocab`): byte-level BPE (GGUF
+``gpt2``) with the GPT-2 split regex (``pre = gpt-2``) or Qwen2's / Llama-3's regex, and SentencePiece
+BPE with byte fallback (Llama-2 / Vicuna, GGUF ``llama``); anything else is refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import torch
+
+from .gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,6 @@ TEXT_ARCHS: dict[str, tuple[str, bool]] = {
     "llama": ("LLAMA", True),
     "mistral": ("LLAMA", True),
     "qwen2": ("QWEN2", False),
-}
-
-# Split regexes of byte-level BPE pre-tokenizers -> llama.cpp's tokenizer.ggml.pre
-_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_KNOWN_SPLITS = {
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
-        "qwen2",
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
-        "llama-bpe",
 }
 
 QTYPES = ("f32", "f16", "q8_0")
@@ -105,87 +98,6 @@ def file_type(qtype: str) -> int:
 
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
-
-
-# --- tokenizer -------------------------------------------------------------------------------------
-def _tokenizer_json(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; GGUF export "
-                         "needs its tokenizer.json")
-    return json.loads(backend.to_str())
-
-
-def _pre_type(tj: dict) -> str:
-    """llama.cpp's tokenizer.ggml.pre for a byte-level BPE tokenizer.json, from its pre-tokenizer."""
-    pre = tj.get("pre_tokenizer") or {}
-    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    splits = [p for p in items if p.get("type") == "Split"]
-    byte_level = [p for p in items if p.get("type") == "ByteLevel"]
-    if not byte_level:
-        raise ValueError("the tokenizer is not byte-level BPE (no ByteLevel pre-tokenizer); GGUF export supports "
-                         "byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 style)")
-    if not splits and byte_level[0].get("use_regex", True):
-        return "gpt-2"
-    if len(splits) == 1:
-        pattern = splits[0].get("pattern", {})
-        regex = pattern.get("Regex") or pattern.get("String")
-        if regex == _GPT2_REGEX:
-            return "gpt-2"
-        if regex in _KNOWN_SPLITS:
-            return _KNOWN_SPLITS[regex]
-    raise ValueError("the tokenizer's pre-tokenizer is not one llavakit can name for llama.cpp (known: GPT-2, "
-                     f"Llama-3 and Qwen2 split regexes); got {json.dumps(pre)[:300]}")
-
-
-def add_tokenizer(writer, tokenizer, n_vocab: int, chat_template: str | None) -> None:
-    """Vocabulary (padded to the embedding rows), merges, token types, special ids and chat template."""
-    import gguf
-
-    tj = _tokenizer_json(tokenizer)
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise ValueError(f"tokenizer model {model.get('type')!r}: GGUF export supports byte-level BPE only")
-    pre = _pre_type(tj)
-    vocab = dict(model["vocab"])
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    for i, a in added.items():
-        vocab[a["content"]] = i
-    by_id = {i: tok for tok, i in vocab.items()}
-    if max(by_id) >= n_vocab:
-        raise ValueError(f"the tokenizer has ids up to {max(by_id)} but the embeddings only {n_vocab} rows")
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    # Whether the tokenizer itself starts a text with bos (the tiny Llama one does, Qwen2 does not).
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    add_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(int(tokenizer.bos_token_id))
-    if tokenizer.eos_token_id is not None:
-        writer.add_eos_token_id(int(tokenizer.eos_token_id))
-    if tokenizer.unk_token_id is not None:
-        writer.add_unk_token_id(int(tokenizer.unk_token_id))
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(int(tokenizer.pad_token_id))
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(False)
-    if chat_template:
-        writer.add_chat_template(chat_template)
 
 
 # --- weights ---------------------------------------------------------------------------------------
