@@ -15,6 +15,8 @@ with ``legacy`` True and False, trained in the test with the ``sentencepiece`` t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from PIL import Image
@@ -185,3 +187,30 @@ def test_the_mode_is_saved_and_an_old_checkpoint_keeps_its_own(tiny_built, tmp_p
     want = old.tokenizer(text, add_special_tokens=False)["input_ids"]
     image_id = old.image_token_id
     assert got == [x for t in want for x in ([image_id] * old.image_seq_length if t == image_id else [t])]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_saved_processor_and_export_keep_the_tokenizers_legacy_flag(tiny_dirs, tmp_path, legacy):
+    """transformers 5 does not save a Llama tokenizer's `legacy` flag; reloaded without it, a legacy=True
+    tokenizer tokenizes text after a special token differently ("a</s>USER:")."""
+    import llavakit
+    from llavakit.interop import export
+    from transformers import AutoProcessor
+
+    tok = make_sp_llama_tokenizer(tmp_path / "sp", legacy=legacy)
+    llm = tmp_path / "llm"
+    from llavakit.demo.tiny import save_tiny_llm
+
+    save_tiny_llm(llm, "llama")
+    tok.save_pretrained(llm)  # the LLM's folder now carries the SentencePiece tokenizer
+    (llm / "tokenizer_config.json").write_text(
+        json.dumps({**json.loads((llm / "tokenizer_config.json").read_text()), "legacy": legacy}))
+    model, processor = llavakit.build(tiny_dirs["clip"], llm)
+    text = "a</s>USER: hi"
+    want = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    _, again = llavakit.load(tmp_path / "m")
+    assert again.tokenizer(text, add_special_tokens=False)["input_ids"] == want
+    hp = AutoProcessor.from_pretrained(export((model, processor), tmp_path / "hf"))
+    assert hp.tokenizer(text, add_special_tokens=False)["input_ids"] == want

@@ -91,7 +91,8 @@ def legacy_tokenizer_config(tok_cfg: dict, tokenizer=None, chat_template: str | 
       fails on a list under `extra_special_tokens`; 5.x converts it back on load);
     - 5.x's generic `TokenizersBackend` class is `PreTrainedTokenizerFast` in 4.x (5.x: the same class);
     - `add_bos_token`/`add_eos_token` when a 4.x class would otherwise rebuild the post-processor differently;
-    - the chat template inside the file, where readers before 4.47 (no chat_template.jinja) look for it.
+    - the chat template inside the file, where readers before 4.47 (no chat_template.jinja) look for it;
+    - the tokenizer's `legacy` flag (SentencePiece Llama tokenizers), which 5.x does not save.
     """
     tok_cfg = dict(tok_cfg)
     extra = tok_cfg.get("extra_special_tokens")
@@ -105,6 +106,9 @@ def legacy_tokenizer_config(tok_cfg: dict, tokenizer=None, chat_template: str | 
         for key, actual, default in zip(("add_bos_token", "add_eos_token"), _adds_bos_eos(tokenizer), defaults):
             if actual != default:
                 tok_cfg.setdefault(key, actual)
+    legacy = getattr(tokenizer, "legacy", None)  # transformers 5 drops it; without it Llama tokenizers reload
+    if isinstance(legacy, bool):                   # as legacy=False (other ids after special tokens)
+        tok_cfg.setdefault("legacy", legacy)
     if chat_template and "chat_template" not in tok_cfg:
         tok_cfg["chat_template"] = chat_template
     return tok_cfg

@@ -225,6 +225,23 @@ class LlavakitProcessor(ProcessorMixin):
             return [im for ims in images for im in ims]
         return images
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """ProcessorMixin's save, plus the tokenizer's `legacy` flag, which transformers 5 does not write:
+        a SentencePiece Llama tokenizer reloaded without it falls back to legacy=False and tokenizes text
+        after special tokens differently from how the model was trained."""
+        import json
+        from pathlib import Path
+
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        legacy = getattr(self.tokenizer, "legacy", None)
+        path = Path(save_directory) / "tokenizer_config.json"
+        if isinstance(legacy, bool) and path.is_file():
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            if cfg.get("legacy") != legacy:
+                cfg["legacy"] = legacy
+                path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return out
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
