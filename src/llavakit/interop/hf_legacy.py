@@ -91,8 +91,7 @@ def legacy_tokenizer_config(tok_cfg: dict, tokenizer=None, chat_template: str | 
       fails on a list under `extra_special_tokens`; 5.x converts it back on load);
     - 5.x's generic `TokenizersBackend` class is `PreTrainedTokenizerFast` in 4.x (5.x: the same class);
     - `add_bos_token`/`add_eos_token` when a 4.x class would otherwise rebuild the post-processor differently;
-    - the chat template inside the file, where readers before 4.47 (no chat_template.jinja) look for it;
-    - the tokenizer's `legacy` flag (SentencePiece Llama tokenizers), which 5.x does not save.
+    - the chat template inside the file, where readers before 4.47 (no chat_template.jinja) look for it.
     """
     tok_cfg = dict(tok_cfg)
     extra = tok_cfg.get("extra_special_tokens")
@@ -106,9 +105,6 @@ def legacy_tokenizer_config(tok_cfg: dict, tokenizer=None, chat_template: str | 
         for key, actual, default in zip(("add_bos_token", "add_eos_token"), _adds_bos_eos(tokenizer), defaults):
             if actual != default:
                 tok_cfg.setdefault(key, actual)
-    legacy = getattr(tokenizer, "legacy", None)  # transformers 5 drops it; without it Llama tokenizers reload
-    if isinstance(legacy, bool):                   # as legacy=False (other ids after special tokens)
-        tok_cfg.setdefault("legacy", legacy)
     if chat_template and "chat_template" not in tok_cfg:
         tok_cfg["chat_template"] = chat_template
     return tok_cfg
@@ -133,7 +129,11 @@ def write_legacy_fields(out: Path, tokenizer=None) -> None:
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     tok_file = out / "tokenizer_config.json"
     if tok_file.is_file():
-        _write_json(tok_file, legacy_tokenizer_config(_read_json(tok_file), tokenizer, template))
+        tok_cfg = legacy_tokenizer_config(_read_json(tok_file), tokenizer, template)
+        legacy = getattr(tokenizer, "legacy", None)  # 5.x does not save it; a Llama tokenizer reloaded without
+        if isinstance(legacy, bool):                   # it is legacy=False (other ids after special tokens)
+            tok_cfg.setdefault("legacy", legacy)
+        _write_json(tok_file, tok_cfg)
     proc_file = out / "processor_config.json"
     proc = _read_json(proc_file) if proc_file.is_file() else {}
     if isinstance(proc.get("image_processor"), dict):
