@@ -402,6 +402,7 @@ def test_two_processes_refuse_a_locked_folder_and_a_changed_resume_then_resume_o
         holder.wait()
 
     # 1 process x 4 samples is the same global micro-batch as 2 x 2: allowed, and the losses continue exactly
+    (run / FINISHED).unlink()  # as if the 2-process run had died before its end (a finished run is not resumed)
     one = subprocess.run([sys.executable, "-m", "llavakit.cli", "train", str(path), "--resume", "--train.batch_size=4",
                           "--resume-allow", "batch_size,num_processes"], env=_env(), capture_output=True, text=True,
                          check=False, timeout=600)
