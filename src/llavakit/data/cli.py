@@ -13,17 +13,20 @@ import json
 import sys
 from pathlib import Path
 
-from .formats import FORMATS, ROW_SCHEMAS, DataSourceError, load_conversations, write_conversations
+from .formats import FORMATS, ROW_SCHEMAS, DataSourceError, write_conversations
 from .images import add_limit_arguments, limits_from_args
+from .mixture import Mixture, load_mixture
 from .validate import count_samples, format_problem, summarize, validate
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", metavar="DATA", help="JSON/JSONL file, datasets folder, or parquet/arrow file")
+    p.add_argument("data", metavar="DATA", help="JSON/JSONL file, datasets folder, parquet/arrow file, or a mixture "
+                                                 "YAML (LLaVA-NeXT's datasets: [{json_path, sampling_strategy}])")
     p.add_argument("--image-folder", default=None,
                    help="folder image paths are relative to (default: the data file's folder)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected)")
     p.add_argument("--split", default="train", help="split of a datasets source (default: train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random:N sampling in a mixture (data.seed)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -68,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="folder OUT's image paths are written relative to (default: OUT's folder)")
     convert.add_argument("--format", default="auto", choices=FORMATS)
     convert.add_argument("--split", default="train")
+    convert.add_argument("--seed", type=int, default=0, help="seed of random:N sampling in a mixture")
 
 
 class _UsageError(Exception):
@@ -129,8 +133,8 @@ def _write_report(path: str, rows: list[dict]) -> None:
 # --- check --------------------------------------------------------------------------------------
 def _check(args) -> int:
     bits = _tokenizer_bits(args)
-    convs, problems = load_conversations(args.data, args.format, args.image_folder, on_error="collect",
-                                         split=args.split)
+    mixture = _read(args)
+    convs, problems = mixture.conversations, mixture.problems
     problems = validate((convs, problems), check_images=args.images != "skip",
                         full_image_check=args.images == "full", **limits_from_args(args).as_kwargs(),
                         workers=args.workers, progress=sys.stderr.isatty(), **bits)
@@ -141,10 +145,11 @@ def _check(args) -> int:
             warnings_shown += 1
             if warnings_shown > args.max_warnings:
                 continue
-        print(format_problem(p))
+        print(format_problem(p, with_source=mixture.is_mixture))
     if warnings_shown > args.max_warnings:
         print(f"... {warnings_shown - args.max_warnings} more warnings not shown (see --report)")
     print(f"\n{args.data}\n{summarize(problems, n)}")
+    _per_source(mixture, problems)
     if args.report:
         _write_report(args.report, [p.as_dict() for p in problems])
         print(f"report: {args.report}")
@@ -152,6 +157,15 @@ def _check(args) -> int:
     if errors:
         print(f"\n{errors} error(s): fix them, or let training skip these samples.")
     return 1 if errors else 0
+
+
+def _read(args) -> Mixture:
+    return load_mixture(args.data, args.image_folder, args.format, seed=args.seed, split=args.split)
+
+
+def _per_source(mixture: Mixture, problems) -> None:
+    if mixture.is_mixture:
+        print("\nper source:\n" + mixture.table(problems))
 
 
 # --- stats --------------------------------------------------------------------------------------
@@ -197,8 +211,8 @@ def _stats(args) -> int:
     import numpy as np
 
     bits = _tokenizer_bits(args)
-    convs, problems = load_conversations(args.data, args.format, args.image_folder, on_error="collect",
-                                         split=args.split)
+    mixture = _read(args)
+    convs, problems = mixture.conversations, mixture.problems
     unreadable = len({p.index for p in problems if p.severity == "error"})
     n_images = [len(c.images) for c in convs]
     n_turns = [len(c.turns) for c in convs]
@@ -218,6 +232,7 @@ def _stats(args) -> int:
         rows.append(("could not be tokenized", failed))
     for label, value in rows:
         print(f"{label:<32}{value:>10}")
+    _per_source(mixture, problems)
     if lengths:
         arr = np.asarray(lengths)
         print(f"\nlength in {unit}:")
@@ -234,8 +249,8 @@ def _stats(args) -> int:
 
 # --- convert ------------------------------------------------------------------------------------
 def _convert(args) -> int:
-    convs, problems = load_conversations(args.data, args.format, args.image_folder, on_error="collect",
-                                         split=args.split)
+    mixture = _read(args)
+    convs, problems = mixture.conversations, mixture.problems
     dropped = [p for p in problems if p.severity == "error"]
     for p in dropped:
         print(format_problem(p))

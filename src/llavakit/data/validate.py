@@ -182,15 +182,17 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
             template = get_template(template, tokenizer)
     limits = ImageLimits(max_pixels, max_side, max_aspect_ratio)
     image_problems = _check_images(convs, limits, full_image_check, workers, progress) if check_images else {}
-    first_with_id: dict[str, int] = {}
+    first_with_id: dict[tuple, int] = {}
     for pos, conv in enumerate(convs):
         found = _structure(conv) + image_problems.get(pos, []) + special_text_warnings(conv, tokenizer)
-        if conv.id is not None:
-            if conv.id in first_with_id:
-                found.append(("warning", f"duplicate id: sample #{first_with_id[conv.id]} has the same id",
+        # ids are compared within one source of a mixture; a repeat:K copy is meant to share its id
+        key = (conv.meta.get("mixture_source"), conv.id)
+        if conv.id is not None and not conv.meta.get("repeat"):
+            if key in first_with_id:
+                found.append(("warning", f"duplicate id: sample #{first_with_id[key]} has the same id",
                               "give every sample its own id, so reports and logs name one sample"))
             else:
-                first_with_id[conv.id] = conv.index
+                first_with_id[key] = conv.index
         # Tokenize only what is well-formed: a broken sample already has its reason.
         if encode is not None and not any(sev == "error" for sev, _, _ in found):
             found += _tokens(conv, encode, template, tokenizer, image_token_id, image_tokens, max_length,
@@ -228,10 +230,13 @@ def summarize(problems: Sequence[Problem], n_samples: int) -> str:
     return "\n".join(lines)
 
 
-def format_problem(p: Problem) -> str:
-    """One report line: index, id, severity, reason, what to do."""
+def format_problem(p: Problem, with_source: bool = False) -> str:
+    """One report line: index, id, severity, reason, what to do (the sample's file and row first, with
+    ``with_source``: a mixture's index is not a row number of one file)."""
     ident = "-" if p.id is None else repr(p.id)
     text = f"#{p.index:<6} id={ident:<14} {p.severity:<7} {p.reason}"
+    if with_source and p.source:
+        text = f"{p.source}: {text}"
     return f"{text}  -> {p.hint}" if p.hint else text
 
 

@@ -23,12 +23,14 @@ def prepare_data(cfg: RunConfig, processor, say=print, run_dir: Path | None = No
     dataset, so every sample is tokenized once.
     """
     from llavakit.data.dataset import SupervisedDataset
-    from llavakit.data.formats import load_conversations
+    from llavakit.data.mixture import load_mixture
     from llavakit.data.templates import get_template
     from llavakit.data.validate import validate
 
     d = cfg.data
-    convs, problems = load_conversations(d.train, format=d.format, image_folder=d.image_folder, on_error="collect")
+    mixture = load_mixture(d.train, d.image_folder, d.format, seed=d.seed)
+    convs, problems = mixture.conversations, mixture.problems
+    name = d.train if isinstance(d.train, str) else "the mixture"
     from llavakit.data.images import ImageLimits
 
     limits = ImageLimits.of(d.max_pixels, d.max_side, d.max_aspect_ratio)  # checked from headers, before decoding
@@ -54,13 +56,15 @@ def prepare_data(cfg: RunConfig, processor, say=print, run_dir: Path | None = No
         n_bad = len({p.index for p in errors})
         if not d.skip_invalid:
             raise ConfigError(
-                f"{n_bad} sample(s) in {d.train} have errors (first ones above); fix them "
-                f"(`llavakit data check {d.train}` lists all) or set data.skip_invalid=true to train on the rest"
+                f"{n_bad} sample(s) in {name} have errors (first ones above); fix them "
+                f"(`llavakit data check {name}` lists all) or set data.skip_invalid=true to train on the rest"
             )
         say(f"skipping {n_bad} invalid sample(s) (data.skip_invalid=true); {len(dataset)} remain")
+    if mixture.is_mixture:
+        say("data mixture:\n" + mixture.table(problems))
     say(f"data: {report}")
     if len(dataset) == 0:
-        raise ConfigError(f"no trainable samples left in {d.train}")
+        raise ConfigError(f"no trainable samples left in {name}")
     return dataset
 
 

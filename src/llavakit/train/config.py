@@ -39,7 +39,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # LLaVA JSON/JSONL, messages JSON/JSONL, or an HF dataset dir
+    # LLaVA JSON/JSONL, messages JSON/JSONL, an HF dataset dir, or a mixture: a list of sources
+    # ({path, image_folder, format, sampling, split, name}) or LLaVA-NeXT's data YAML (llavakit.data.mixture)
+    train: str | list | None = None
+    seed: int = 0  # draws of random:N / random:P% sampling in a mixture (not train.seed: data stays put)
     image_folder: str | None = None
     format: str = "auto"
     template: str = "vicuna_v1"
@@ -199,6 +202,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from llavakit.data.mixture import check_train_entries
+    from llavakit.data.sources import DataSourceError
+
+    try:
+        check_train_entries(d.train)
+    except DataSourceError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 
