@@ -1,4 +1,5 @@
-"""`llavakit data {check,stats,convert}`: look at a dataset before spending GPU hours on it.
+"""`llavakit data {check,stats,convert,captions,generate}`: look at a dataset before spending GPU hours
+on it, and build one (`llavakit.data.captions`, `llavakit.data.generate`).
 
 * ``check``   validates every sample (readers + `validate`), prints one line per problem and a
               summary table, writes ``--report`` JSON, exits 1 when any sample has an error.
@@ -62,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where to write the histogram (default: DATA's name + .lengths.png, here)")
     stats.add_argument("--bins", type=int, default=50)
 
+    from . import captions
+
+    captions.add_arguments(sub.add_parser("captions", help="image-caption pairs -> stage-1 LLaVA JSON"))
+
     convert = sub.add_parser("convert", help="rewrite a dataset as llava or messages JSON/JSONL")
     convert.add_argument("data", metavar="IN")
     convert.add_argument("out", metavar="OUT", help="output .json (array) or .jsonl file")
@@ -80,6 +85,10 @@ class _UsageError(Exception):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.action == "captions":
+            from . import captions
+
+            return captions.run(args)
         return {"check": _check, "stats": _stats, "convert": _convert}[args.action](args)
     except _UsageError as e:
         print(f"llavakit data {args.action}: {e}", file=sys.stderr)

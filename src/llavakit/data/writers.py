@@ -15,7 +15,7 @@ from .conversation import Conversation
 ROW_SCHEMAS = ("llava", "messages")
 
 
-def _write_ref(ref: Any, base: Path, stem: str, conv: Conversation, k: int) -> str:
+def write_image_ref(ref: Any, base: Path, stem: str, conv: Conversation, k: int) -> str:
     """A path string for `ref`, relative to `base`; embedded images are saved under it first."""
     if isinstance(ref, dict):  # a datasets {"bytes", "path"} value
         ref = ref.get("bytes") or ref.get("path")
@@ -56,7 +56,7 @@ def write_conversations(conversations: Iterable[Conversation], out_path: str | o
     base = Path(os.path.abspath(image_folder or out.parent))
     rows = []
     for conv in conversations:
-        images = [_write_ref(ref, base, out.stem, conv, k) for k, ref in enumerate(conv.images)]
+        images = [write_image_ref(ref, base, out.stem, conv, k) for k, ref in enumerate(conv.images)]
         row: dict[str, Any] = {} if conv.id is None else {"id": conv.id}
         if to == "llava":
             if len(images) == 1:
