@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import captions
 
     captions.add_arguments(sub.add_parser("captions", help="image-caption pairs -> stage-1 LLaVA JSON"))
+    from . import generate_cli
+
+    generate_cli.add_arguments(sub.add_parser(
+        "generate", help="instruction data from a teacher behind an OpenAI-compatible endpoint"))
 
     convert = sub.add_parser("convert", help="rewrite a dataset as llava or messages JSON/JSONL")
     convert.add_argument("data", metavar="IN")
@@ -89,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
             from . import captions
 
             return captions.run(args)
+        if args.action == "generate":
+            from . import generate_cli
+
+            return generate_cli.run(args)
         return {"check": _check, "stats": _stats, "convert": _convert}[args.action](args)
     except _UsageError as e:
         print(f"llavakit data {args.action}: {e}", file=sys.stderr)
