@@ -75,6 +75,22 @@ def test_boxes_must_be_normalised_and_say_how():
         check_boxes([{"box": [0, 0, 1, 1]}])
 
 
+def test_prompts_are_files_a_user_edits(tmp_path):
+    from llavakit.data.instruct import context, load_prompt, messages
+
+    shipped = load_prompt("conversation")
+    msgs = messages("conversation", shipped, context(["A dog."], [{"label": "dog", "box": [0.1, 0.2, 0.3, 0.4]}]))
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]  # one few-shot example
+    assert msgs[-1]["content"] == "A dog.\ndog: [0.10, 0.20, 0.30, 0.40]"
+    json.loads(msgs[2]["content"])  # the shipped example reply is the JSON the teacher must write
+    (tmp_path / "conversation.yaml").write_text("system: Be brief.\nuser: 'Scene: {context}'\n")
+    mine = load_prompt("conversation", tmp_path)
+    assert messages("conversation", mine, "A cat.") == [{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "Scene: A cat."}]
+    with pytest.raises(FileNotFoundError, match="no prompt for kind 'detail'"):
+        load_prompt("detail", tmp_path)
+
+
 # --- the real server ----------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -263,6 +279,27 @@ def test_bad_inputs_are_reported_and_nothing_is_sent_for_them(tmp_path, capsys):
     assert "skipped input #2" in printed and "unreadable json" in printed
     assert "0 samples written" in printed and not _lines(out)
     assert main([*args[:3], str(tmp_path / "o.json"), *args[4:]]) == 2  # OUT must be appendable JSONL
+
+
+def test_the_budget_counts_every_run_and_stops_before_a_new_request(tmp_path, capsys):
+    """Requests that failed count too (they may be billed); a second run starts from what the log says
+    was spent, and a larger budget continues."""
+    _inputs(tmp_path, 3)
+    closed = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens: every request fails at once
+    args = ["data", "generate", str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--base-url", closed,
+            "--model", "m", "--no-progress", "--concurrency", "1", "--max-retries", "1", "--backoff", "0"]
+    assert main([*args, "--max-requests", "4"]) == 1
+    printed = capsys.readouterr().out
+    assert "stopped: request budget reached (4 >= --max-requests 4)" in printed
+    assert "0 samples written, 0 rejected, 2 failed" in printed and "run the same command again" in printed
+    assert main([*args, "--max-requests", "4"]) == 1
+    printed = capsys.readouterr().out
+    assert "0 failed" in printed and "request budget reached" in printed  # nothing sent: 4 already spent
+    assert main([*args, "--max-requests", "100"]) == 1  # a larger budget: the tasks are tried again ...
+    printed = capsys.readouterr().out
+    assert "stopped: the first 5 tasks all failed; last error: gave up after 2 attempts: URLError" in printed
+    log = _lines(tmp_path / "o.jsonl.log.jsonl")
+    assert [e["status"] for e in log] == ["failed"] * 7 and sum(e["requests"] for e in log) == 14
 
 
 @pytest.mark.slow

@@ -190,7 +190,7 @@ def run_task(job: Job, item: Item, kind: str) -> tuple[dict, dict | None]:
         reply = job.teacher.chat(msgs, max_tokens=job.max_tokens, temperature=job.temperature,
                                  response_format=response_format(kind, job.response_format), seed=job.seed)
     except TeacherError as e:
-        return {**entry, "status": "failed", "reason": str(e), "requests": 0}, None
+        return {**entry, "status": "failed", "reason": str(e), "requests": e.attempts}, None  # spent: budget
     except OSError as e:  # the image could not be read for the data URL
         return {**entry, "status": "rejected", "reason": f"bad input: {e}", "requests": 0}, None
     entry.update(requests=reply.attempts, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)

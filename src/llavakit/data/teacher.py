@@ -26,9 +26,9 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 class TeacherError(RuntimeError):
     """A request that failed for good: after every retry, or at once for a non-retryable answer."""
 
-    def __init__(self, message: str, status: int | None = None, retryable: bool = False):
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False, attempts: int = 1):
         super().__init__(message)
-        self.status, self.retryable = status, retryable
+        self.status, self.retryable, self.attempts = status, retryable, attempts
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Teacher:
                 detail = e.read().decode("utf-8", "replace")[:500]
                 last = f"HTTP {e.code} from {self.url}: {detail}"
                 if e.code not in RETRY_STATUS:
-                    raise TeacherError(last, e.code) from None
+                    raise TeacherError(last, e.code, attempts=attempt + 1) from None
                 retry_after = e.headers.get("Retry-After")
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
                     TimeoutError) as e:
@@ -117,14 +117,15 @@ class Teacher:
                 return self._reply(data, attempt + 1)
             if attempt < self.max_retries:
                 time.sleep(self._wait(attempt, retry_after))
-        raise TeacherError(f"gave up after {self.max_retries + 1} attempts: {last}", retryable=True)
+        raise TeacherError(f"gave up after {self.max_retries + 1} attempts: {last}", retryable=True,
+                           attempts=self.max_retries + 1)
 
     def _reply(self, data: dict, attempts: int) -> Reply:
         try:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise TeacherError(f"not a chat-completions answer: {json.dumps(data)[:300]}") from None
+            raise TeacherError(f"not a chat-completions answer: {json.dumps(data)[:300]}", attempts=attempts) from None
         usage = data.get("usage") or {}
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         self.budget.add(tokens=prompt + completion)
