@@ -263,6 +263,65 @@ def test_server_killed_and_restarted_then_the_run_killed_and_resumed(tmp_path, t
     assert (tmp_path / "run" / "model").is_dir()
 
 
+class Gateway:
+    """A rate-limiting gateway in front of the real server, as hosted APIs have: it answers the first
+    requests itself with the given statuses (429 with Retry-After, 503), then passes requests through."""
+
+    def __init__(self, upstream: str, statuses: list[int]):
+        import http.server
+        import threading
+
+        self.statuses, self.seen = list(statuses), []
+        gateway = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if gateway.statuses:
+                    status = gateway.statuses.pop(0)
+                    gateway.seen.append(status)
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "0.2")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "slow down"}')
+                    return
+                req = urllib.request.Request(upstream + self.path[len("/v1"):], data=body,
+                                             headers={"Content-Type": "application/json"})
+                data = urllib.request.urlopen(req, timeout=300).read()
+                gateway.seen.append(200)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_429_and_5xx_are_retried_and_counted(tmp_path, text_server, capsys):
+    gateway = Gateway(text_server.url, [429, 503, 502])
+    try:
+        inp, out = _inputs(tmp_path, 1), tmp_path / "o.jsonl"
+        args = _args(inp, out, text_server, "--kinds", "detail", "--backoff", "0.1")
+        args[args.index("--base-url") + 1] = gateway.url
+        assert main(args) == 0, capsys.readouterr().out
+    finally:
+        gateway.close()
+    assert gateway.seen == [429, 503, 502, 200]
+    (entry,) = _lines(out.with_name(out.name + ".log.jsonl"))
+    assert entry["status"] in ("ok", "rejected") and entry["requests"] == 4
+    assert "4 requests" in capsys.readouterr().out
+
+
 def test_bad_inputs_are_reported_and_nothing_is_sent_for_them(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text(
         json.dumps({"id": "a", "image": "nope.png", "captions": ["x"]}) + "\n"
