@@ -134,6 +134,8 @@ def test_data_check_and_stats_report_per_source(files, capsys):
                  "--histogram", str(files / "h.png")]) == 0
     out = capsys.readouterr().out
     assert "per source:" in out and "samples read" in out and "5" in out.split("samples read")[1].split("\n")[0]
+    counts = {line.split()[0]: line.split()[1:] for line in out.split("turns")[-1].splitlines() if ".json" in line}
+    assert counts == {str(files / "a.json"): ["2", "2", "4"], str(files / "c.json"): ["3", "0", "6"]}
 
 
 @pytest.mark.parametrize("entry, message", [

@@ -250,6 +250,13 @@ def _stats(args) -> int:
     for label, value in rows:
         print(f"{label:<32}{value:>10}")
     _per_source(mixture, problems)
+    if mixture.is_mixture:
+        width = max(len(s.name) for s in mixture.sources)
+        print(f"\n{'source':<{width}}  {'samples':>9}{'images':>9}{'turns':>9}")
+        for s in mixture.sources:
+            mine = [c for c in convs if s.start <= c.index < s.stop]
+            print(f"{s.name:<{width}}  {len(mine):>9}{sum(len(c.images) for c in mine):>9}"
+                  f"{sum(len(c.turns) for c in mine):>9}")
     if lengths:
         arr = np.asarray(lengths)
         print(f"\nlength in {unit}:")
