@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("llavakit.data.cli", "validate (check), summarise (stats) and convert datasets"),
+    "data": ("llavakit.data.cli", "check, stats, convert; build data: captions (stage 1), generate (teacher via an OpenAI-compatible API)"),
     "train": ("llavakit.train.cli", "train from a YAML recipe (stage 1 pretrain, stage 2 finetune/LoRA/QLoRA)"),
     "merge-lora": ("llavakit.train.merge", "merge a LoRA run into a standalone model"),
     "demo": ("llavakit.demo.cli", "offline end-to-end demo: synthetic data, tiny backbones, both stages, scores"),
