@@ -190,3 +190,31 @@ def test_scoring_helpers():
     assert blank_like(img).size == (48, 48) and blank_like(img).getpixel((5, 5)) == (128, 128, 128)
     table = format_table({"colour": {"with_image": 1.0, "blind": 0.2, "chance": 0.2}})
     assert "colour" in table and "100.0%" in table and "20.0%" in table
+
+
+def test_demo_output_folder_is_never_overwritten(tmp_path):
+    from llavakit.demo.clock import new_out_dir
+
+    assert new_out_dir(tmp_path / "new").is_dir()
+    assert new_out_dir(tmp_path / "new") == tmp_path / "new"  # empty: fine
+    (tmp_path / "new" / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not empty"):
+        new_out_dir(tmp_path / "new")
+    assert (tmp_path / "new" / "metrics.json").read_text() == "{}"
+
+
+def test_phase_clock_reports_wall_and_cpu_seconds_per_phase():
+    from llavakit.demo.clock import PhaseClock
+
+    said = []
+    clock = PhaseClock(said.append)
+    for name in ("world", "stage1"):
+        clock.start(name)
+        sum(i * i for i in range(200_000))  # some CPU work
+        clock.stop()
+    report = clock.report()
+    assert list(report["phases"]) == list(report["phases_cpu"]) == ["world", "stage1"]
+    assert all(v >= 0 for v in report["phases_cpu"].values())
+    assert report["seconds"] >= sum(report["phases"].values()) - 0.2
+    assert set(report["load_average"]) == {"start", "end"}
+    assert [line.split("]")[0] for line in said] == ["[world", "[stage1"] and all("CPU s)" in line for line in said)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,35 +67,30 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     import llavakit.cli
 
     from .backbones import pretrain_clip, pretrain_lm
+    from .clock import PhaseClock, new_out_dir
     from .score import format_table, score
     from .world import caption_pairs, read_test, text_corpus, write_world
 
-    t0 = time.perf_counter()
     spec = SCALES[scale]
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out folder (nothing is overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_out_dir(out_dir)
     torch.manual_seed(seed)
-    timings = {}
-
-    def phase(name, t):
-        timings[name] = round(time.perf_counter() - t, 1)
-        say(f"[{name}] {timings[name]:.1f}s")
+    clock = PhaseClock(say)
 
     say(f"== 1/5 synthetic world (seed {seed}) -> {out / 'data'}")
-    t = time.perf_counter()
+    clock.start("world")
     paths = write_world(out / "data", seed=seed, **spec.world)
     _check_data(paths, say)
-    phase("world", t)
+    clock.stop()
 
     say("== 2/5 stage 0: the backbones a user would download (tiny Llama LM, tiny CLIP)")
-    t = time.perf_counter()
+    clock.start("stage0_lm")
     llm = pretrain_lm(text_corpus(paths.stage1, paths.stage2), out / "backbones" / "llm", seed=seed,
                       log=say, **spec.lm).path
+    clock.stop()
+    clock.start("stage0_clip")
     vision = pretrain_clip(caption_pairs(paths.stage1, paths.image_folder), out / "backbones" / "clip", seed=seed,
                            log=say, **spec.clip).path
-    phase("stage0", t)
+    clock.stop()
 
     recipes = recipes_dir()
     common = [f"--model.vision={vision}", f"--model.llm={llm}", f"--data.image_folder={paths.image_folder}",
@@ -109,22 +103,24 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     ]
     for name, title, extra in stages:
         say(f"== {title} (llavakit train {recipes / name}.yaml)")
-        t = time.perf_counter()
+        clock.start(name)
         argv = ["train", str(recipes / f"{name}.yaml"), f"--train.output_dir={out / name}", *common, *extra]
         if llavakit.cli.main(argv) != 0:
             raise RuntimeError(f"{name} failed (see above)")
-        phase(name, t)
+        clock.stop()
 
     say("== 5/5 held-out scores, with the image and blind")
-    t = time.perf_counter()
+    clock.start("score")
     model_dir = out / "model"
     shutil.copytree(s2 / "model", model_dir)
     model, processor = llavakit.load(model_dir)
     rows = read_test(paths.test)
     metrics, samples = score(model, processor, rows, paths.image_folder)
-    phase("score", t)
-    metrics = {"seconds": round(time.perf_counter() - t0, 1), "types": metrics["types"], "phases": timings,
-               "seed": seed, "scale": scale}
+    clock.stop()
+    times = clock.report()
+    metrics = {"seconds": times["seconds"], "types": metrics["types"], "phases": times["phases"],
+               "phases_cpu": times["phases_cpu"], "load_average": times["load_average"],
+               "threads": torch.get_num_threads(), "seed": seed, "scale": scale}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "predictions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     for stage in ("stage1", "stage2"):
