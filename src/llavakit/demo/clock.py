@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,8 @@ def load_average() -> float | None:
 
 
 class PhaseClock:
-    """`start(name)` ... `stop()` around each phase; `report()` gives the metrics.json fields."""
+    """`with clock.phase(name):` (or `start(name)` ... `stop()`) around each phase; `report()` gives the
+    metrics.json fields."""
 
     def __init__(self, say: Callable[[str], None] = print):
         self.say = say
@@ -48,6 +50,12 @@ class PhaseClock:
         self.wall[self._name], self.cpu[self._name] = round(wall, 1), round(cpu, 1)
         self.say(f"[{self._name}] {wall:.1f}s ({cpu:.1f} CPU s)")
 
+    @contextmanager
+    def phase(self, name: str):
+        self.start(name)
+        yield
+        self.stop()
+
     def seconds(self) -> float:
         return round(time.perf_counter() - self.t0, 1)
 
@@ -55,3 +63,12 @@ class PhaseClock:
         """{"seconds", "phases" (wall s), "phases_cpu" (CPU s), "load_average" {"start", "end"}}."""
         return {"seconds": self.seconds(), "phases": dict(self.wall), "phases_cpu": dict(self.cpu),
                 "load_average": {**self.load, "end": load_average()}}
+
+
+def start_run(out_dir: str | Path, seed: int, say: Callable[[str], None] = print) -> tuple[Path, PhaseClock]:
+    """A demo run's start: its new output folder, torch seeded, and the clock of its phases."""
+    import torch
+
+    out = new_out_dir(out_dir)
+    torch.manual_seed(seed)
+    return out, PhaseClock(say)

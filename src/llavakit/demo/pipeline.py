@@ -67,30 +67,25 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     import llavakit.cli
 
     from .backbones import pretrain_clip, pretrain_lm
-    from .clock import PhaseClock, new_out_dir
+    from .clock import start_run
     from .score import format_table, score
     from .world import caption_pairs, read_test, text_corpus, write_world
 
     spec = SCALES[scale]
-    out = new_out_dir(out_dir)
-    torch.manual_seed(seed)
-    clock = PhaseClock(say)
+    out, clock = start_run(out_dir, seed, say)
 
     say(f"== 1/5 synthetic world (seed {seed}) -> {out / 'data'}")
-    clock.start("world")
-    paths = write_world(out / "data", seed=seed, **spec.world)
-    _check_data(paths, say)
-    clock.stop()
+    with clock.phase("world"):
+        paths = write_world(out / "data", seed=seed, **spec.world)
+        _check_data(paths, say)
 
     say("== 2/5 stage 0: the backbones a user would download (tiny Llama LM, tiny CLIP)")
-    clock.start("stage0_lm")
-    llm = pretrain_lm(text_corpus(paths.stage1, paths.stage2), out / "backbones" / "llm", seed=seed,
-                      log=say, **spec.lm).path
-    clock.stop()
-    clock.start("stage0_clip")
-    vision = pretrain_clip(caption_pairs(paths.stage1, paths.image_folder), out / "backbones" / "clip", seed=seed,
-                           log=say, **spec.clip).path
-    clock.stop()
+    with clock.phase("stage0_lm"):
+        llm = pretrain_lm(text_corpus(paths.stage1, paths.stage2), out / "backbones" / "llm", seed=seed,
+                          log=say, **spec.lm).path
+    with clock.phase("stage0_clip"):
+        vision = pretrain_clip(caption_pairs(paths.stage1, paths.image_folder), out / "backbones" / "clip", seed=seed,
+                               log=say, **spec.clip).path
 
     recipes = recipes_dir()
     common = [f"--model.vision={vision}", f"--model.llm={llm}", f"--data.image_folder={paths.image_folder}",
@@ -103,20 +98,18 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     ]
     for name, title, extra in stages:
         say(f"== {title} (llavakit train {recipes / name}.yaml)")
-        clock.start(name)
-        argv = ["train", str(recipes / f"{name}.yaml"), f"--train.output_dir={out / name}", *common, *extra]
-        if llavakit.cli.main(argv) != 0:
-            raise RuntimeError(f"{name} failed (see above)")
-        clock.stop()
+        with clock.phase(name):
+            argv = ["train", str(recipes / f"{name}.yaml"), f"--train.output_dir={out / name}", *common, *extra]
+            if llavakit.cli.main(argv) != 0:
+                raise RuntimeError(f"{name} failed (see above)")
 
     say("== 5/5 held-out scores, with the image and blind")
-    clock.start("score")
-    model_dir = out / "model"
-    shutil.copytree(s2 / "model", model_dir)
-    model, processor = llavakit.load(model_dir)
-    rows = read_test(paths.test)
-    metrics, samples = score(model, processor, rows, paths.image_folder)
-    clock.stop()
+    with clock.phase("score"):
+        model_dir = out / "model"
+        shutil.copytree(s2 / "model", model_dir)
+        model, processor = llavakit.load(model_dir)
+        rows = read_test(paths.test)
+        metrics, samples = score(model, processor, rows, paths.image_folder)
     times = clock.report()
     metrics = {"seconds": times["seconds"], "types": metrics["types"], "phases": times["phases"],
                "phases_cpu": times["phases_cpu"], "load_average": times["load_average"],

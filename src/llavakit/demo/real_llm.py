@@ -131,47 +131,40 @@ def run_real_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=p
 
     from . import language
     from .backbones import pretrain_clip
-    from .clock import PhaseClock, new_out_dir
+    from .clock import start_run
     from .score import format_table, score
     from .world import caption_pairs, read_test, write_world
 
     gguf = smollm2_gguf()  # before anything is written
     stage1_recipe, stage2_recipe = recipe_paths()
     spec = SCALES[scale]
-    out = new_out_dir(out_dir)
-    torch.manual_seed(seed)
-    clock = PhaseClock(say)
+    out, clock = start_run(out_dir, seed, say)
 
     say(f"== 1/7 synthetic world (seed {seed}) -> {out / 'data'}")
-    clock.start("world")
-    paths = write_world(out / "data", seed=seed, **spec.world)
-    clock.stop()
+    with clock.phase("world"):
+        paths = write_world(out / "data", seed=seed, **spec.world)
 
     say("== 2/7 stage 0: the demo's own CLIP; SmolLM2-135M-Instruct read from its GGUF file")
-    clock.start("stage0_clip")
-    vision = pretrain_clip(caption_pairs(paths.stage1, paths.image_folder), out / "backbones" / "clip", seed=seed,
-                           log=say, **spec.clip).path
-    clock.stop()
-    clock.start("stage0_llm")
-    llm = dequantise_llm(gguf, out / "backbones" / "smollm2")
-    say(f"  {gguf} -> {llm} (dequantised, float32)")
-    clock.stop()
+    with clock.phase("stage0_clip"):
+        vision = pretrain_clip(caption_pairs(paths.stage1, paths.image_folder), out / "backbones" / "clip", seed=seed,
+                               log=say, **spec.clip).path
+    with clock.phase("stage0_llm"):
+        llm = dequantise_llm(gguf, out / "backbones" / "smollm2")
+        say(f"  {gguf} -> {llm} (dequantised, float32)")
 
     say("== 3/7 the base LLM's language, before training (text only)")
-    clock.start("language_before")
-    questions, prose = language.load_questions(spec.questions), language.load_prose()
-    base, base_processor = llavakit.build(vision, llm)
-    before = language.measure(base, base_processor, questions, prose, template="auto")
-    say(f"  perplexity {before['perplexity']:.2f} on the held-out prose")
-    clock.stop()
-    clock.start("replay")
-    replay = language.replay_conversations(Generator(base.eval(), base_processor, template="auto"),
-                                           language.load_replay_prompts(spec.replay_prompts))
-    del base
-    stage2_data = _stage2_mix(paths.stage2, replay, spec, out / "data" / "stage2_mix.json")
-    say(f"  stage-2 mix: {spec.stage2_conversations} world conversations + {len(replay)} replay conversations "
-        f"x {spec.replay_repeat} -> {stage2_data}")
-    clock.stop()
+    with clock.phase("language_before"):
+        questions, prose = language.load_questions(spec.questions), language.load_prose()
+        base, base_processor = llavakit.build(vision, llm)
+        before = language.measure(base, base_processor, questions, prose, template="auto")
+        say(f"  perplexity {before['perplexity']:.2f} on the held-out prose")
+    with clock.phase("replay"):
+        replay = language.replay_conversations(Generator(base.eval(), base_processor, template="auto"),
+                                               language.load_replay_prompts(spec.replay_prompts))
+        del base
+        stage2_data = _stage2_mix(paths.stage2, replay, spec, out / "data" / "stage2_mix.json")
+        say(f"  stage-2 mix: {spec.stage2_conversations} world conversations + {len(replay)} replay conversations "
+            f"x {spec.replay_repeat} -> {stage2_data}")
 
     precision = "bf16" if native_bf16() else "fp32"
     common = [f"--data.image_folder={paths.image_folder}", f"--train.seed={seed}", "--train.report_to=none",
@@ -185,26 +178,23 @@ def run_real_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=p
     ]
     for name, title, recipe, merged, extra in stages:
         say(f"== {title} (llavakit train {recipe}, precision {precision})")
-        clock.start(name)
-        argv = ["train", str(recipe), f"--train.output_dir={out / name}", *common, *extra]
-        if llavakit.cli.main(argv) != 0:
-            raise RuntimeError(f"{name} failed (see above)")
-        _standalone(out / name, merged)
-        say(f"  merged -> {merged}")
-        clock.stop()
+        with clock.phase(name):
+            argv = ["train", str(recipe), f"--train.output_dir={out / name}", *common, *extra]
+            if llavakit.cli.main(argv) != 0:
+                raise RuntimeError(f"{name} failed (see above)")
+            _standalone(out / name, merged)
+            say(f"  merged -> {merged}")
 
     say("== 6/7 held-out scores, with the image and blind")
-    clock.start("score")
-    model, processor = llavakit.load(model_dir)
-    rows = [r for r in read_test(paths.test) if spec.types is None or r["type"] in spec.types]
-    metrics, samples = score(model, processor, rows, paths.image_folder, suffix=SHORT_ANSWER)
-    clock.stop()
+    with clock.phase("score"):
+        model, processor = llavakit.load(model_dir)
+        rows = [r for r in read_test(paths.test) if spec.types is None or r["type"] in spec.types]
+        metrics, samples = score(model, processor, rows, paths.image_folder, suffix=SHORT_ANSWER)
 
     say("== 7/7 the trained LLM's language, after training (text only)")
-    clock.start("language_after")
-    after = language.measure(model, processor, questions, prose)
-    block, details = language.language_block(questions, before, after, "language.jsonl")
-    clock.stop()
+    with clock.phase("language_after"):
+        after = language.measure(model, processor, questions, prose)
+        block, details = language.language_block(questions, before, after, "language.jsonl")
 
     times = clock.report()
     metrics = {"seconds": times["seconds"], "types": metrics["types"], "language": block, "phases": times["phases"],
