@@ -14,11 +14,15 @@ read by llama.cpp's ``tools/mtmd/clip.cpp`` with projector type ``mlp`` (its LLa
 
 Only the layers up to the deepest feature layer are written (clip.cpp never runs the others), and the
 tower's post-layernorm and SigLIP's pooling head are left out: LLaVA uses raw hidden states.
+
+`llamacpp_clip_order(model)` makes llavakit compute what llama.cpp's LLaVA graph computes for a CLIP tower
+(CLS token last, ggml-org/llama.cpp#25814), to measure that runtime difference without llama.cpp.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -88,9 +92,38 @@ def check_mmproj(model, processor) -> list[str]:
     if has_cls:
         warnings.append("llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp, up to at least the llama.cpp in "
                         "llama-cpp-python 0.3.36) puts CLIP's CLS token after the patches, shifting position "
-                        "embeddings (ggml-org/llama.cpp#25814, fix in #25844); CLIP-tower answers differ from "
-                        "llavakit's until that fix is in your llama.cpp. SigLIP towers are not affected.")
+                        "embeddings (ggml-org/llama.cpp#25814, fix in #25844): EVERY image's features in llama.cpp "
+                        "differ from llavakit's by about their own size (not rounding), so answers can differ even "
+                        "where llavakit's top-2 margin is several logits. No export layout avoids it; "
+                        "llavakit.interop.gguf_mmproj.llamacpp_clip_order(model) makes llavakit compute what "
+                        "llama.cpp does, to measure the effect (docs/gguf.md). SigLIP towers are not affected.")
     return warnings
+
+
+@contextmanager
+def llamacpp_clip_order(model):
+    """Within this block llavakit's CLIP tower computes what llama.cpp's LLaVA graph computes today
+    (ggml-org/llama.cpp#25814): the CLS token *after* the patches, position rows 0..n added in that order, so
+    patch i gets row i instead of i + 1 and the CLS token takes row n. With 'patch' select llavakit then keeps
+    tokens 1..n as llama.cpp does: patches 1..n-1 and the CLS token, patch 0 dropped.
+
+    For measuring the runtime's effect (features, answers) in llavakit; SigLIP towers (no CLS) are unchanged.
+    """
+    if not VISION_TOWERS.get(model.config.vision_config.model_type, False):
+        yield model
+        return
+    emb = getattr(model.vision_tower, "vision_model", model.vision_tower).embeddings
+    pos = emb.position_embedding.weight  # [n+1, D]: row 0 is CLS's
+
+    def hook(module, args, output):
+        plain = output - pos  # [B, n+1, D]: CLS first, then the patches, no positions
+        return torch.cat([plain[:, 1:], plain[:, :1]], dim=1) + pos
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
 
 
 def _tower_state(model) -> dict[str, torch.Tensor]:

@@ -67,6 +67,33 @@ class LlamaCppLlava:
             raise RuntimeError("mtmd_bitmap_init failed")
         return bm
 
+    def image_embeddings(self, image) -> np.ndarray:
+        """What mtmd writes into the LLM for one image: [image tokens, n_embd] float32 (its encoder + projector
+        output; compare with llavakit's `model.get_image_features`)."""
+        mtmd = self._mtmd
+        text = self.marker.encode()
+        inp = mtmd.mtmd_input_text()
+        inp.text, inp.text_len, inp.add_special, inp.parse_special = text, len(text), False, True
+        bitmap = self._bitmap(image)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            arr = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, 1) != 0:
+                raise RuntimeError("mtmd_tokenize failed")
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    continue
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                if mtmd.mtmd_encode_chunk(self.ctx, chunk) != 0:
+                    raise RuntimeError("mtmd could not encode the image")
+                ptr = mtmd.mtmd_get_output_embd(self.ctx)
+                return np.ctypeslib.as_array(ptr, shape=(n * self.llm.n_embd(),)).reshape(n, -1).copy()
+            raise RuntimeError("mtmd made no image chunk")
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+
     def answer(self, prompt: str, images=(), max_new_tokens: int = 32, stop_ids=(), image_marker: str = "<image>",
                add_special: bool = True) -> LlamaCppAnswer:
         """Greedy continuation of `prompt` (llavakit's rendered prompt; `image_marker` where images go)."""
