@@ -55,3 +55,41 @@ def test_rows_in_their_own_processes(tmp_path):
     assert report["precision"] == "bf16"
     assert [r["config"]["system"] for r in report["stage2"]] == ["peer", "llavakit"]
     assert all(r["peak_mem_mib"] > 0 for r in report["stage2"]) and report["ratio_vs_peer"] > 0
+
+
+def test_gguf_round_trip_benchmark_reports_every_dtype(tmp_path, tiny_dirs):
+    """benchmarks/gguf_roundtrip.py on a small model: every dtype's export, sizes, speeds and agreement."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'llavakit[llamacpp]'")
+    pytest.importorskip("gguf", reason="needs gguf: pip install 'llavakit[gguf]'")
+    import torch
+    from PIL import Image
+
+    import llavakit
+
+    torch.manual_seed(0)
+    model, processor = llavakit.build(tiny_dirs["siglip"], tiny_dirs["llama"])
+    processor.template = "vicuna_v1"
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"id": f"q{i}", "question": "<image>\nWhat colour is it?", "image": f"{i}.png", "answer": colour})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "gguf.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gguf_roundtrip.py"), "--model",
+                           str(tmp_path / "model"), "--questions", str(tmp_path / "q.jsonl"), "--image-folder",
+                           str(tmp_path / "images"), "--threads", "1", "--max-new-tokens", "4", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["questions"] == 3 and result["llavakit_tok_s"] > 0
+    for dtype in ("f32", "f16", "q8_0"):
+        r = result[dtype]
+        assert r["text_mib"] > 0 and r["mmproj_mib"] > 0 and r["llamacpp_tok_s"] > 0
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["same_answer"] <= 1
+    # SigLIP has no CLS token, so llama.cpp computes llavakit's own graph: f32 answers are identical
+    assert result["f32"]["same_answer"] == result["f32"]["same_as_its_graph"] == 1.0
+    assert "| f16 |" in proc.stdout
