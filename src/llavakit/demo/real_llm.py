@@ -69,9 +69,9 @@ class RealScale:
     stage2: list[str] = field(default_factory=list)
     types: tuple[str, ...] | None = None  # question types scored (None: all six)
     questions: int | None = None  # general questions asked (None: all)
-    stage2_conversations: int = 1200  # world conversations in the stage-2 mix (more than max_steps x batch sees)
+    stage2_conversations: int = 1800  # world conversations in the stage-2 mix (more than max_steps x batch sees)
     replay_prompts: int | None = None  # replay prompts (None: all)
-    replay_repeat: int = 6  # copies of each replay conversation in the stage-2 mix
+    replay_repeat: int = 8  # copies of each replay conversation in the stage-2 mix
 
 
 SCALES = {
