@@ -259,6 +259,14 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
         err = e
     if any_process(accelerator, err is not None):
         raise err or TrainingError("saving the final model failed on the main process")
+    if accelerator.num_processes > 1:
+        # Free the DDP model here, every rank together, while the process group is alive: end_training destroys
+        # the group, and a gloo group freed later by the model's reducer (its last reference) can wait forever
+        # for its worker threads once the other rank has exited (seen once in CI: rank 1 in ~ProcessGroupGloo).
+        accelerator.wait_for_everyone()
+        del model
+        accelerator.free_memory()
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
         (run_dir / FINISHED).write_text(json.dumps({"step": state["step"], "max_steps": t.max_steps,
