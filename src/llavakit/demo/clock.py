@@ -2,8 +2,9 @@
 
 The clock records wall seconds and CPU seconds (this process, all threads) per phase, and the load
 average at the start and the end of the run, so a slow run can be told apart from a busy machine:
-on an idle 2-core machine CPU seconds are about twice the wall seconds; on a busy one the wall
-seconds grow and the CPU seconds stay.
+on an idle 2-core machine CPU seconds are about twice the wall seconds and the load average is about
+2. With another busy process, 2-thread phases slow down many times over and their CPU seconds grow
+too (threads spin waiting for each other; docs/demo.md), so neither number is load-independent.
 """
 
 from __future__ import annotations
