@@ -38,15 +38,12 @@ def row_images(row: dict, folder: Path) -> list:
     return [Image.open(folder / n).convert("RGB") for n in names]
 
 
-def normal(text: str) -> str:
-    return text.strip().lower().rstrip(".")
-
-
 def measure(model_dir: Path, rows: list[dict], folder: Path, max_new_tokens: int, threads: int, work: Path) -> dict:
     import torch
 
     import llavakit
     from llavakit.data.conversation import Turn
+    from llavakit.demo.score import normalize
     from llavakit.infer.generate import GenerationSettings, Generator, StopTrimmer
     from llavakit.interop import export
     from llavakit.interop.gguf_mmproj import llamacpp_clip_order
@@ -67,7 +64,7 @@ def measure(model_dir: Path, rows: list[dict], folder: Path, max_new_tokens: int
         as_llamacpp = [gen.generate([c], [im], settings)[0] for c, im in zip(convs, images)]
     result = {"model": str(model_dir), "params": sum(p.numel() for p in model.parameters()), "questions": len(rows),
               "max_new_tokens": max_new_tokens, "threads": threads, "llavakit_tok_s": round(tokens / seconds, 1),
-              "llavakit_accuracy": round(sum(normal(a) == normal(r["answer"]) for a, r in zip(ours, rows)) / len(rows), 4)}
+              "llavakit_accuracy": round(sum(normalize(a) == normalize(r["answer"]) for a, r in zip(ours, rows)) / len(rows), 4)}
     for dtype in DTYPES:
         out = work / f"gguf-{dtype}"
         t = time.perf_counter()
@@ -90,7 +87,7 @@ def measure(model_dir: Path, rows: list[dict], folder: Path, max_new_tokens: int
             "mmproj_mib": round(mmproj.stat().st_size / 2**20, 2), "llamacpp_tok_s": round(tokens / seconds, 1),
             "same_answer": round(sum(a.strip() == b for a, b in zip(ours, theirs)) / len(rows), 4),
             "same_as_its_graph": round(sum(a.strip() == b for a, b in zip(as_llamacpp, theirs)) / len(rows), 4),
-            "accuracy": round(sum(normal(b) == normal(r["answer"]) for b, r in zip(theirs, rows)) / len(rows), 4),
+            "accuracy": round(sum(normalize(b) == normalize(r["answer"]) for b, r in zip(theirs, rows)) / len(rows), 4),
             "differ": [{"id": r.get("id"), "question": r["question"], "llavakit": a, "llama.cpp": b}
                        for a, b, r in zip(ours, theirs, rows) if a.strip() != b][:5]}
         print(f"{dtype}: {json.dumps(result[dtype])}", flush=True)
