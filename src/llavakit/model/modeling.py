@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .config import LlavakitConfig
+from .loss import linear_cross_entropy_sum
 from .projectors import build_projector
 
 
@@ -187,13 +188,15 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         image_features: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
+        loss_chunk_size: int = 0,
         cache=None,
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM outputs. With `labels` and `supervised_logits_only=True` the LM head runs only
         at supervised positions (most LLaVA tokens are image or prompt tokens), the loss is the same
-        and `logits` is None.
+        and `logits` is None; `loss_chunk_size` N > 0 then computes that loss N supervised rows of logits
+        at a time (`model/loss.py`), never holding the whole `[N_sup, V]` block.
 
         The KV cache comes as `cache` (transformers >= 5.24's name) or `past_key_values` (before);
         it is handed to the LLM under the one name the LLM's own forward takes."""
@@ -210,7 +213,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             # detects packed sequences (position ids restarting) when no cache is being built.
             use_cache = False
         if supervised_logits_only and labels is not None:
-            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
+            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels,
+                                         chunk_size=loss_chunk_size, **kwargs)
         if cache is not None:
             kwargs[self._lm_cache_arg()] = cache
         return self.language_model(
@@ -234,8 +238,9 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         return "cache" if "cache" in params else "past_key_values"
 
     def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, num_items_in_batch=None,
-                         **kwargs):
-        """Cross-entropy from LM-head rows at supervised positions only: [N_sup, V], not [B, L, V]."""
+                         chunk_size: int = 0, **kwargs):
+        """Cross-entropy from LM-head rows at supervised positions only: [N_sup, V], not [B, L, V]
+        (and with `chunk_size` > 0 only that many rows of it at a time)."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         decoder = self.language_model.get_decoder()
@@ -243,7 +248,7 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
                          use_cache=False, **kwargs).last_hidden_state  # [B, L, D]
         targets = labels[:, 1:]  # position t predicts token t+1
         keep = targets != -100  # [B, L-1]
-        logits = self.language_model.get_output_embeddings()(hidden[:, :-1][keep])  # [N_sup, V]
-        loss = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        head = self.language_model.get_output_embeddings()
+        loss = linear_cross_entropy_sum(hidden[:, :-1][keep], head, targets[keep], chunk_size)  # rows [N_sup, D]
         denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
         return CausalLMOutputWithPast(loss=loss / denom, logits=None)
