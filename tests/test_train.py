@@ -176,6 +176,22 @@ def test_config_overrides_and_unknown_keys(tiny_dirs, dataset, tmp_path):
         load_config(path, ["--train.stage=stage3"])
 
 
+def test_loss_chunk_size_and_compile_are_validated(tiny_dirs, dataset, tmp_path):
+    path = _write(tmp_path, _cfg(tiny_dirs, dataset, tmp_path / "x"))
+    cfg = load_config(path)
+    assert cfg.train.loss_chunk_size == 0 and cfg.train.compile is False  # today's behaviour by default
+    cfg = load_config(path, ["--train.loss_chunk_size=1024", "--train.compile=true"])
+    assert cfg.train.loss_chunk_size == 1024 and cfg.train.compile is True
+    with pytest.raises(ConfigError, match=r"train.loss_chunk_size=-1 must be an integer >= 0"):
+        load_config(path, ["--train.loss_chunk_size=-1"])
+    with pytest.raises(ConfigError, match=r"train.loss_chunk_size='many' is not an integer"):
+        load_config(path, ["--train.loss_chunk_size=many"])
+    with pytest.raises(ConfigError, match=r"train.loss_chunk_size=8 .* needs train.supervised_logits_only: true"):
+        load_config(path, ["--train.loss_chunk_size=8", "--train.supervised_logits_only=false"])
+    with pytest.raises(ConfigError, match=r"train.compile='fast' must be true or false"):
+        load_config(path, ["--train.compile=fast"])
+
+
 def test_refuses_to_overwrite_an_existing_run(tiny_dirs, dataset, tmp_path):
     path = _write(tmp_path, _cfg(tiny_dirs, dataset, tmp_path / "once", max_steps=1))
     run = run_training(path)

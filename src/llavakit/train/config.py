@@ -91,6 +91,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # LM head + loss only at supervised positions (same loss, no [B, L, vocab] logits tensor)
     supervised_logits_only: bool = True
+    # With it, 0 = the supervised rows' [N_sup, vocab] logits at once; N > 0 = N rows at a time, forward and
+    # backward (model/loss.py; Liger's fused kernel on CUDA when liger_kernel is installed): the same loss,
+    # without the largest fp32 tensors at a 50k-150k vocabulary. A LoRA-wrapped LM head computes unchunked.
+    loss_chunk_size: int = 0
+    # torch.compile each decoder layer of the LLM (in place: weight names and checkpoints unchanged). On CPU
+    # inductor needs a C++ compiler (g++/clang++). The first steps are slow while it compiles.
+    compile: bool = False
     seed: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2
@@ -195,6 +202,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'"),
         (t.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
+        (isinstance(t.loss_chunk_size, int) and not isinstance(t.loss_chunk_size, bool) and t.loss_chunk_size >= 0,
+         f"train.loss_chunk_size={t.loss_chunk_size!r} must be an integer >= 0 (0 = no chunking, N = rows of "
+         "logits per chunk)"),
+        (t.loss_chunk_size == 0 or t.supervised_logits_only,
+         f"train.loss_chunk_size={t.loss_chunk_size} chunks the supervised-only loss: it needs "
+         "train.supervised_logits_only: true (or set train.loss_chunk_size: 0)"),
+        (isinstance(t.compile, bool), f"train.compile={t.compile!r} must be true or false"),
         (d.train is not None, "data.train is not set: point it at a LLaVA JSON/JSONL, messages file or HF dataset"),
         (cfg.model.init_from is not None or (cfg.model.vision and cfg.model.llm),
          "set model.vision and model.llm (hub ids or paths), or model.init_from"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,8 @@ def apply_stage(model, cfg: RunConfig) -> tuple[object, list[ParamGroup]]:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec["llm"] != "full":
             model.language_model.enable_input_require_grads()
+    if t.compile:
+        compile_decoder_layers(model)
 
     def trainable(module):
         return [p for p in module.parameters() if p.requires_grad]
@@ -141,6 +144,29 @@ def apply_stage(model, cfg: RunConfig) -> tuple[object, list[ParamGroup]]:
     if t.train_vision:
         groups.append(ParamGroup("vision", trainable(model.vision_tower), t.vision_lr or t.lr))
     return model, [g for g in groups if g.params]
+
+
+def compile_decoder_layers(model) -> int:
+    """`train.compile`: torch.compile each decoder layer of the LLM in place (`nn.Module.compile`, so
+    parameter names, checkpoints and saved models are unchanged; the layers share one compiled graph).
+    Compilation itself happens in the first forward. Returns the number of layers compiled."""
+    import shutil
+
+    lm = model.language_model
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under LoRA: the PEFT-wrapped LLM
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ConfigError(f"train.compile: the LLM's decoder ({type(base.get_decoder()).__name__}) has no `layers` "
+                          "list to compile; set train.compile: false")
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in
+                                                 ("g++", "c++", "clang++", *filter(None, [os.environ.get("CXX")]))):
+        raise ConfigError("train.compile: true on CPU needs a C++ compiler for torch.compile's inductor backend, "
+                          "and none was found (g++, c++, clang++ or $CXX): install one (e.g. apt install g++) "
+                          "or set train.compile: false")
+    for layer in layers:
+        layer.compile()
+    log.info("train.compile: compiled %d decoder layers of %s", len(layers), type(base).__name__)
+    return len(layers)
 
 
 def wrap_lora(language_model, cfg: RunConfig):

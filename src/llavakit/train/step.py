@@ -78,6 +78,21 @@ def check_finite_weights(accelerator, model, step: int, run_dir: Path, t) -> Non
             f"{last_good(run_dir)}. Lower train.lr (now {t.lr:g})")
 
 
+def forward(model, mb: dict, n_items, t):
+    """The model's loss on one micro-batch with the run's loss options; a `train.compile` that fails to
+    compile (it does so in the first forward) becomes a `TrainingError` that says what to do."""
+    try:
+        return model(**mb, num_items_in_batch=n_items, supervised_logits_only=t.supervised_logits_only,
+                     loss_chunk_size=t.loss_chunk_size)
+    except Exception as e:
+        if not t.compile or type(e).__module__.split(".")[:2] not in (["torch", "_dynamo"], ["torch", "_inductor"]):
+            raise
+        raise TrainingError(
+            f"train.compile: torch.compile could not compile the LLM's decoder layers ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). On CPU inductor needs a working C++ "
+            "compiler (install g++, or set CXX); otherwise set train.compile: false") from e
+
+
 class StepResult(NamedTuple):
     loss: float  # mean over the supervised tokens of the global batch
     tokens: int  # real (non-padding) tokens this process saw
@@ -101,7 +116,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, window, t, world) -
         real += int(mb["attention_mask"].sum()) if "attention_mask" in mb else int(mb["input_ids"].numel())
         sync = i == len(window) - 1
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-            out = model(**mb, num_items_in_batch=n_items, supervised_logits_only=t.supervised_logits_only)
+            out = forward(model, mb, n_items, t)
             # DDP averages gradients over processes; scale so the result is the global token mean.
             loss = out.loss * world
         accelerator.backward(loss)
