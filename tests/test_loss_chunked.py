@@ -239,3 +239,27 @@ def test_compiled_decoder_layers_give_the_eager_loss(tiny_dirs):
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     for name, g in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_without_a_cxx_compiler_on_cpu_is_a_clear_error(tiny_built, monkeypatch):
+    from llavakit.train.config import ConfigError
+    from llavakit.train.recipes import compile_decoder_layers
+
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"train.compile: true on CPU needs a C\+\+ compiler.*'/nonexistent/g\+\+'"):
+        compile_decoder_layers(tiny_built[0])
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in tiny_built[0].modules())
+
+
+def test_a_failed_compilation_says_to_turn_compile_off():
+    from llavakit.train.config import TrainConfig, TrainingError
+    from llavakit.train.step import forward
+
+    def model(**kwargs):
+        raise torch._dynamo.exc.TorchRuntimeError("boom")
+
+    with pytest.raises(TrainingError, match=r"could not compile .*TorchRuntimeError: boom.*set train.compile: false"):
+        forward(model, {}, None, TrainConfig(compile=True))
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError):  # not compiling: the error as it is
+        forward(model, {}, None, TrainConfig())

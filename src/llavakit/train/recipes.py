@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,11 +159,11 @@ def compile_decoder_layers(model) -> int:
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise ConfigError(f"train.compile: the LLM's decoder ({type(base.get_decoder()).__name__}) has no `layers` "
                           "list to compile; set train.compile: false")
-    if not torch.cuda.is_available() and not any(shutil.which(c) for c in
-                                                 ("g++", "c++", "clang++", *filter(None, [os.environ.get("CXX")]))):
-        raise ConfigError("train.compile: true on CPU needs a C++ compiler for torch.compile's inductor backend, "
-                          "and none was found (g++, c++, clang++ or $CXX): install one (e.g. apt install g++) "
-                          "or set train.compile: false")
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")  # what inductor runs
+    if not torch.cuda.is_available() and not shutil.which(cxx):
+        raise ConfigError(f"train.compile: true on CPU needs a C++ compiler for torch.compile's inductor backend, "
+                          f"and {cxx!r} ($CXX, else g++) was not found: install one (e.g. apt install g++) or point "
+                          "CXX at it, or set train.compile: false")
     for layer in layers:
         layer.compile()
     log.info("train.compile: compiled %d decoder layers of %s", len(layers), type(base).__name__)
