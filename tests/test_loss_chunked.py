@@ -168,6 +168,27 @@ def test_function_with_bias_ignored_rows_and_bf16(dtype):
     assert hidden.grad[3].abs().sum() == 0  # an ignored row gets no gradient
 
 
+def test_under_bf16_autocast_the_loss_is_the_same_and_gradients_agree_to_bf16_rounding():
+    """accelerate's bf16 keeps fp32 weights and runs the head's matmul in bf16 under autocast; the chunks
+    do too. The weight gradient is summed in fp32 over chunks (the reference rounds it to bf16 once)."""
+    torch.manual_seed(0)
+    head = nn.Linear(32, 300, bias=False)
+    hidden0, targets = torch.randn(37, 32), torch.randint(0, 300, (37,))
+    results = []
+    for chunk in (0, 8):
+        hidden = hidden0.clone().requires_grad_(True)
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy_sum(hidden, head, targets, chunk) / 37
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, head.weight.grad.clone()))
+    (ref, ref_h, ref_w), (got, got_h, got_w) = results
+    assert got.dtype == torch.float32 and got_h.dtype == got_w.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_h, ref_h, atol=2e-4, rtol=1e-2)
+    torch.testing.assert_close(got_w, ref_w, atol=2e-3, rtol=1e-2)
+
+
 def test_frozen_head_gets_no_gradient_and_inference_needs_none():
     head = nn.Linear(8, 20, bias=False).requires_grad_(False)
     hidden = torch.randn(5, 8, requires_grad=True)
