@@ -158,6 +158,29 @@ def test_answers_match_the_pixels(small_world):
             assert r["answer"] == ("first" if first > second else "second"), r["id"]
 
 
+def test_where_conversations_cover_every_one_object_training_image(small_world):
+    """position_extra (default 2): two-turn where-conversations per one-object training image, both axes,
+    answers read off the pixels; and none with position_extra=0."""
+    samples = world.read_json(small_world.stage2)
+    where = [s for s in samples if s["id"].startswith("pos-")]
+    single = {s["image"] for s in samples if s["id"].startswith("qa-")}
+    one_object = {n for n in single
+                  if len(_occupied_cells(Image.open(small_world.image_folder / n).convert("RGB"))) == 1}
+    assert one_object and Counter(s["image"] for s in where) == {n: 2 for n in one_object}
+    for s in where:
+        (row, col), = _occupied_cells(Image.open(small_world.image_folder / s["image"]).convert("RGB"))
+        asked = {q["value"].replace("<image>\n", ""): a["value"] for q, a in zip(s["conversations"][::2],
+                                                                               s["conversations"][1::2])}
+        assert asked == {"Is the object on the left, in the center or on the right?": world.COLUMN_WORDS[col],
+                         "Is the object at the top, in the middle or at the bottom?": world.ROW_WORDS[row]}
+
+
+def test_legacy_world_has_uniform_counts_and_no_where_conversations(tmp_path):
+    paths = world.write_world(tmp_path / "legacy", seed=3, n_train=60, n_test=8, one_object_fraction=None,
+                              position_extra=0)
+    assert not [s for s in world.read_json(paths.stage2) if s["id"].startswith("pos-")]
+
+
 def test_held_out_images_are_disjoint_from_training(small_world):
     def pixels(name):
         return hashlib.sha256(Image.open(small_world.image_folder / name).convert("RGB").tobytes()).hexdigest()

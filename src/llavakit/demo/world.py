@@ -45,12 +45,19 @@ def _key(scene: Scene) -> tuple:
 
 
 def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 60,
-                two_image_fraction: float = 0.5, turns: int = 6) -> WorldPaths:
+                two_image_fraction: float = 0.5, turns: int = 6, one_object_fraction: float | None = 0.4,
+                position_extra: int = 2) -> WorldPaths:
     """Write the world under ``out_dir`` and return its paths.
 
     n_train: single-image training scenes, one ``turns``-turn conversation each in stage2.json;
     ``two_image_fraction * n_train`` two-image conversations (two new scenes each) are added. Every
     training image gets a caption in stage1.json.
+    one_object_fraction: the share of single-image training scenes with one object (the only scenes
+    "where" questions are asked about); None draws the count uniformly from 1-4 like every other
+    attribute. position_extra: extra two-turn conversations per one-object training scene asking only
+    where the object is (both axes, random order). Locating an object is the one skill that needs the
+    LLM to attend to a single image token (colour, shape and count can be read from all of them at
+    once), and it is learned only with this many examples (docs/demo.md).
     n_test: held-out rows per question type, rounded up to whole repetitions of the type's balanced
     design (see ``scene_grid``). The same arguments always give byte-identical files.
     """
@@ -72,11 +79,24 @@ def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test:
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, rng)}]})
         return name
 
+    one_object = []
     for i in range(n_train):
-        scene = random_scene(rng)
+        if one_object_fraction is None:
+            scene = random_scene(rng)
+        else:
+            scene = random_scene(rng, count=1 if rng.random() < one_object_fraction else rng.choice(COUNTS[1:]))
         name = save_train(scene, f"train_{i:05d}.png")
         conv = make_conversation(single_image_turns(scene, rng, turns), "<image>\n")
         stage2.append({"id": f"qa-{i:05d}", "image": name, "conversations": conv})
+        if scene.count == 1:
+            one_object.append((i, scene, name))
+
+    for i, scene, name in one_object:  # where-questions only (see position_extra above)
+        for j in range(position_extra):
+            where = [ASK["position"](scene, "h")[:2], ASK["position"](scene, "v")[:2]]
+            rng.shuffle(where)
+            stage2.append({"id": f"pos-{i:05d}-{j}", "image": name,
+                           "conversations": make_conversation(where, "<image>\n")})
 
     # Two-image conversations: a comparison from the held-out design's cells, then follow-ups.
     cells = scene_grid("two_image")
