@@ -29,4 +29,4 @@ def test_small_demo_sees_the_images(tmp_path):
     for t in types.values():  # blind stays near chance: the questions alone do not give answers away
         assert t["blind"] <= t["chance"] + 0.2, types
     model, processor = llavakit.load(out / "model")
-    assert processor.template == "llama_2"  # the recipe's template travels with the saved model
+    assert processor.template == "vicuna_v1"

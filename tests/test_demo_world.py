@@ -158,9 +158,16 @@ def test_answers_match_the_pixels(small_world):
             assert r["answer"] == ("first" if first > second else "second"), r["id"]
 
 
-def test_where_conversations_cover_every_one_object_training_image(small_world):
-    """position_extra (default 2): two-turn where-conversations per one-object training image, both axes,
-    answers read off the pixels; and none with position_extra=0."""
+@pytest.fixture(scope="module")
+def where_world(tmp_path_factory):
+    return world.write_world(tmp_path_factory.mktemp("where"), seed=3, n_train=60, n_test=8,
+                             one_object_fraction=0.4, position_extra=2)
+
+
+def test_where_conversations_cover_every_one_object_training_image(where_world):
+    """position_extra=2: two two-turn where-conversations per one-object training image, both axes,
+    answers read off the pixels."""
+    small_world = where_world
     samples = world.read_json(small_world.stage2)
     where = [s for s in samples if s["id"].startswith("pos-")]
     single = {s["image"] for s in samples if s["id"].startswith("qa-")}
@@ -175,10 +182,8 @@ def test_where_conversations_cover_every_one_object_training_image(small_world):
                          "Is the object at the top, in the middle or at the bottom?": world.ROW_WORDS[row]}
 
 
-def test_legacy_world_has_uniform_counts_and_no_where_conversations(tmp_path):
-    paths = world.write_world(tmp_path / "legacy", seed=3, n_train=60, n_test=8, one_object_fraction=None,
-                              position_extra=0)
-    assert not [s for s in world.read_json(paths.stage2) if s["id"].startswith("pos-")]
+def test_default_world_has_no_where_only_conversations(small_world):
+    assert not [s for s in world.read_json(small_world.stage2) if s["id"].startswith("pos-")]
 
 
 def test_held_out_images_are_disjoint_from_training(small_world):

@@ -59,11 +59,6 @@ def smollm2_gguf() -> Path:
     return found
 
 
-# The world as this demo was tuned on: object counts drawn uniformly, no extra where-question conversations
-# (the default demo's additions; this demo trains on the first `stage2_conversations` of them).
-LEGACY_WORLD = {"one_object_fraction": None, "position_extra": 0}
-
-
 @dataclass
 class RealScale:
     """Sizes of one run. `full` is the documented demo; `small` the slow test's."""
@@ -147,7 +142,7 @@ def run_real_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=p
 
     say(f"== 1/7 synthetic world (seed {seed}) -> {out / 'data'}")
     with clock.phase("world"):
-        paths = write_world(out / "data", seed=seed, **{**LEGACY_WORLD, **spec.world})
+        paths = write_world(out / "data", seed=seed, **spec.world)
 
     say("== 2/7 stage 0: the demo's own CLIP; SmolLM2-135M-Instruct read from its GGUF file")
     with clock.phase("stage0_clip"):

@@ -45,19 +45,18 @@ def _key(scene: Scene) -> tuple:
 
 
 def write_world(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 60,
-                two_image_fraction: float = 0.5, turns: int = 6, one_object_fraction: float | None = 0.4,
-                position_extra: int = 2) -> WorldPaths:
+                two_image_fraction: float = 0.5, turns: int = 6, one_object_fraction: float | None = None,
+                position_extra: int = 0) -> WorldPaths:
     """Write the world under ``out_dir`` and return its paths.
 
     n_train: single-image training scenes, one ``turns``-turn conversation each in stage2.json;
     ``two_image_fraction * n_train`` two-image conversations (two new scenes each) are added. Every
     training image gets a caption in stage1.json.
     one_object_fraction: the share of single-image training scenes with one object (the only scenes
-    "where" questions are asked about); None draws the count uniformly from 1-4 like every other
-    attribute. position_extra: extra two-turn conversations per one-object training scene asking only
-    where the object is (both axes, random order). Locating an object is the one skill that needs the
-    LLM to attend to a single image token (colour, shape and count can be read from all of them at
-    once), and it is learned only with this many examples (docs/demo.md).
+    "where" questions are asked about); None (the demo's default) draws the count uniformly from 1-4
+    like every other attribute. position_extra: extra two-turn conversations per one-object training
+    scene asking only where the object is (both axes, random order); 0 by default. Both are for
+    experiments on the "where" skill (docs/demo.md records what they did).
     n_test: held-out rows per question type, rounded up to whole repetitions of the type's balanced
     design (see ``scene_grid``). The same arguments always give byte-identical files.
     """
