@@ -247,3 +247,26 @@ def test_phase_clock_reports_wall_and_cpu_seconds_per_phase():
     assert report["seconds"] >= sum(report["phases"].values()) - 0.2
     assert set(report["load_average"]) == {"start", "end"}
     assert [line.split("]")[0] for line in said] == ["[world", "[stage1"] and all("CPU s)" in line for line in said)
+
+
+def test_demo_runs_with_the_thread_count_asked_for(monkeypatch, capsys):
+    """`llavakit demo --threads N` trains with N torch threads (default 2, what docs/demo.md measured)."""
+    import argparse
+
+    import torch
+
+    from llavakit.demo import cli, pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda out, seed, scale: seen.append(torch.get_num_threads()))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    before = torch.get_num_threads()
+    try:
+        assert cli.run(parser.parse_args(["--threads", "1"])) == 0
+        assert cli.run(parser.parse_args([])) == 0
+        assert seen == [1, cli.DEMO_THREADS]
+        assert cli.run(parser.parse_args(["--threads", "0"])) == 2
+        assert "--threads 0" in capsys.readouterr().err and len(seen) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,4 @@
-"""`llavakit demo [--out DIR] [--seed N] [--llm tiny|smollm2]`: the offline end-to-end demo (see pipeline.py;
+"""`llavakit demo [--out DIR] [--seed N] [--llm tiny|smollm2] [--threads N]`: the offline end-to-end demo (see pipeline.py;
 `--llm smollm2` runs real_llm.py: the real SmolLM2-135M-Instruct as the LLM, from the `smollm2` extra)."""
 
 from __future__ import annotations
@@ -17,10 +17,19 @@ def add_arguments(parser) -> None:
                         help="'tiny': a tiny Llama pretrained on the world's text (default); 'smollm2': the real "
                              "SmolLM2-135M-Instruct, also scored on keeping its language (pip install "
                              "'llavakit[smollm2]')")
+    parser.add_argument("--threads", type=int, default=DEMO_THREADS,
+                        help=f"torch CPU threads (default {DEMO_THREADS}, what docs/demo.md measured; the same seed gives "
+                             "the same numbers at the same count). Use 1 when another busy process shares 2 cores: "
+                             "2 threads then wait for each other and a stage runs 8-20x slower")
 
 
 def run(args) -> int:
     import torch
+
+    threads = getattr(args, "threads", DEMO_THREADS)
+    if threads < 1:
+        print(f"llavakit demo: --threads {threads}: must be 1 or more", file=sys.stderr)
+        return 2
 
     if getattr(args, "llm", "tiny") == "smollm2":
         from .real_llm import MissingExtraError, run_real_demo, smollm2_gguf
@@ -36,7 +45,7 @@ def run(args) -> int:
 
     # A fixed thread count, whatever the machine: CPU reductions split work by thread, so the same seed gives
     # the same numbers on a machine only when the thread count does not depend on its cores or load.
-    torch.set_num_threads(DEMO_THREADS)
+    torch.set_num_threads(threads)
     try:
         demo(args.out, seed=args.seed, scale=args.scale)
     except (FileExistsError, FileNotFoundError) as e:
