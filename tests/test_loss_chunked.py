@@ -23,19 +23,9 @@ from llavakit.train.loop import read_losses
 @pytest.fixture(scope="module")
 def tied_llm(tmp_path_factory):
     """A tiny Qwen2 whose LM head is its input embedding (tie_word_embeddings, as Qwen2.5-0.5B)."""
-    from transformers import AutoModelForCausalLM
+    from llavakit.demo.tiny import save_tiny_llm
 
-    from llavakit.demo.tiny import make_tokenizer, tiny_llm_config
-
-    out = tmp_path_factory.mktemp("qwen2_tied")
-    tok = make_tokenizer(family="qwen2")
-    cfg = tiny_llm_config("qwen2", vocab_size=len(tok))
-    cfg.tie_word_embeddings = True
-    cfg.eos_token_id = tok.eos_token_id
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llm(tmp_path_factory.mktemp("qwen2_tied"), "qwen2", seed=3, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

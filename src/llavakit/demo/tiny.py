@@ -88,8 +88,9 @@ def make_tokenizer(texts: Iterable[str] | None = None, family: str = "llama", vo
 
 def tiny_llm_config(family: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2,
                     num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-                    max_position_embeddings: int = 2048, **extra):
-    """A small config of the given family (``llama``, ``mistral`` or ``qwen2``)."""
+                    max_position_embeddings: int = 2048, tie_word_embeddings: bool = False, **extra):
+    """A small config of the given family (``llama``, ``mistral`` or ``qwen2``); ``tie_word_embeddings``
+    shares the LM head with the input embedding (as Qwen2.5-0.5B and SmolLM2 do)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
@@ -103,7 +104,7 @@ def tiny_llm_config(family: str, vocab_size: int, hidden_size: int = 64, num_lay
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         **extra,
     )
 
