@@ -1,18 +1,20 @@
 """`SupervisedDataset`: conversations -> (input_ids, labels, pixel_values) items for training.
 
-Tokenization happens once, up front, in the main process (fast tokenizers, one call per sample), so
-the exact length of every sample (image placeholders included) is known before training starts: the
-length-grouped sampler and the packer use it, and the report of kept / truncated / dropped / skipped
-samples is printed before the first step. Images are decoded lazily in `__getitem__`, i.e. in the
-dataloader workers. Token ids are stored as int32 arrays with a boolean "supervised" mask (labels
-are rebuilt on access), which keeps a few hundred thousand samples small in memory.
+Tokenization happens once, up front (fast tokenizers; a large dataset in forked worker processes,
+`encode_all`), so the exact length of every sample (image placeholders included) is known before
+training starts: the length-grouped sampler and the packer use it, and the report of kept /
+truncated / dropped / skipped samples is printed before the first step. Images are decoded lazily in
+`__getitem__`, i.e. in the dataloader workers. Token ids live in a `TokenStore`: one flat int32
+array plus offsets, labels as supervised spans (rebuilt on access), which the start-up cache
+(`llavakit.data.token_cache`) memory-maps on a re-run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +23,8 @@ from torch.utils.data import Dataset
 from .conversation import Conversation, Problem, SampleError
 from .images import ImageError, ImageLimits
 from .templates import Template, get_template
-from .tokenize import IGNORE_INDEX, OverlongError, encode
+from .token_store import StoreBuilder, TokenStore, supervised_spans
+from .tokenize import OverlongError, encode
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +55,85 @@ class DatasetReport:
         return text
 
 
-def image_token_counts(conv: Conversation, processor, limits: ImageLimits | None = None
-                       ) -> tuple[list[tuple[int, int]] | None, int | list[int]]:
+def image_token_counts(conv: Conversation, processor, limits: ImageLimits | None = None,
+                       memo: dict | None = None) -> tuple[list[tuple[int, int]] | None, int | list[int]]:
     """(sizes, counts) for the conversation's images: sizes read from the image headers only when the
     processor's counts depend on them (else None and one count for all); a `SampleError` if unreadable
-    or over ``limits`` (default: `ImageLimits()`)."""
+    or over ``limits`` (default: `ImageLimits()`). ``memo`` (path -> size) reads each file's header once."""
     if not processor.counts_depend_on_size:
         return None, processor.num_image_tokens()
     limits = limits or ImageLimits()
     sizes = []
     for k, ref in enumerate(conv.images):
         try:
-            sizes.append(limits.size(ref))
+            if memo is not None and isinstance(ref, str):
+                if ref not in memo:
+                    memo[ref] = limits.size(ref)
+                sizes.append(memo[ref])
+            else:
+                sizes.append(limits.size(ref))
         except ImageError as e:
             raise SampleError.of(conv, f"image {k} cannot be opened: {e}", e.hint or "fix or remove the image") from e
     return sizes, processor.image_token_counts(sizes)
+
+
+# --- encoding every sample, in worker processes when there are many --------------------------------
+_JOB: tuple | None = None  # (conversations, encode arguments) for forked workers; set only while a pool runs
+CHUNK = 2000  # samples per task of a worker process
+PARALLEL_FROM = 4 * CHUNK  # fewer samples than this are encoded in this process
+
+
+def _encode_range(bounds: tuple[int, int]) -> list[tuple]:
+    """(position, (ids, spans, n_images, sizes, truncated) or None, problem or None, overlong) per sample."""
+    convs, processor, template, max_length, overflow, limits = _JOB
+    out, memo = [], {}
+    for pos in range(*bounds):
+        conv = convs[pos]
+        try:
+            sizes, counts = image_token_counts(conv, processor, limits, memo)
+            enc = encode(conv, template, processor.tokenizer, processor.image_token_id, counts,
+                         max_length=max_length, overflow=overflow, tokenization=processor.tokenization)
+        except SampleError as e:  # returned, not raised: a worker's exception would lose its `problem`
+            out.append((pos, None, e.problem, isinstance(e, OverlongError)))
+            continue
+        ids = np.asarray(enc.input_ids, dtype=np.int32)
+        out.append((pos, (ids, supervised_spans(enc.labels), enc.num_images, sizes, enc.truncated), None, False))
+    return out
+
+
+def default_workers() -> int:
+    """Worker processes for encoding: the CPUs this process may use (at most 8); 1 where fork is unavailable."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def encode_all(conversations: Sequence[Conversation], processor, template: Template, max_length: int | None,
+               overflow: str, limits: ImageLimits, workers: int = 1) -> Iterator[tuple]:
+    """Encode every conversation, in order: yields `_encode_range`'s tuples. ``workers`` > 1 forks that many
+    processes (each encodes chunks of CHUNK samples) when there are at least PARALLEL_FROM samples."""
+    global _JOB
+    n = len(conversations)
+    ranges = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)]
+    _JOB = (conversations, processor, template, max_length, overflow, limits)
+    try:
+        if workers <= 1 or n < PARALLEL_FROM:
+            for r in ranges:
+                yield from _encode_range(r)
+            return
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(workers, len(ranges))) as pool:
+            for part in pool.imap(_encode_range, ranges):
+                yield from part
+    finally:
+        _JOB = None
 
 
 class SupervisedDataset(Dataset):
@@ -76,93 +143,95 @@ class SupervisedDataset(Dataset):
     Samples that cannot be trained on are left out and listed in `report`; ``strict=True`` raises
     the first `SampleError` instead. Images over ``image_limits`` (`ImageLimits`: pixels, longest side,
     aspect ratio; training passes ``data.max_pixels`` / ``max_side`` / ``max_aspect_ratio``) are refused
-    from their header, before anything is decoded or resized.
+    from their header, before anything is decoded or resized. ``workers`` > 1 encodes large datasets in
+    that many forked processes (`encode_all`; the result is the same). The tokens live in a `TokenStore`
+    (flat arrays); `from_store` makes a dataset of one read back from the start-up cache.
     """
 
     def __init__(self, conversations: Sequence[Conversation], processor, template: Template | str,
                  max_length: int | None = None, overflow: str = "truncate",
                  image_loader: Callable | None = None, strict: bool = False,
-                 image_limits: ImageLimits | None = None):
+                 image_limits: ImageLimits | None = None, workers: int = 1):
+        self._setup(processor, template, image_limits, image_loader)
+        report = DatasetReport(total=len(conversations))
+        builder = StoreBuilder(with_sizes=processor.counts_depend_on_size)
+        for pos, done, problem, overlong in encode_all(conversations, processor, self.template, max_length,
+                                                       overflow, self.image_limits, workers):
+            if problem is not None:
+                if strict:
+                    raise (OverlongError if overlong else SampleError)(problem)
+                report.problems.append(problem)
+                if overlong:
+                    report.dropped += 1
+                else:
+                    report.skipped += 1
+                    report.skipped_indices.append(problem.index)
+                continue
+            ids, spans, n_images, sizes, truncated = done
+            builder.add(conversations[pos], ids, spans, n_images, sizes)
+            report.truncated += int(truncated)
+        self._adopt(builder.finish(), report)
+        if report.dropped or report.skipped or report.truncated:
+            log.info("%s", report)
+
+    @classmethod
+    def from_store(cls, store: TokenStore, report: DatasetReport, processor, template: Template | str,
+                   image_limits: ImageLimits | None = None, image_loader: Callable | None = None) -> "SupervisedDataset":
+        """A dataset over an existing `TokenStore` (e.g. memory-mapped from the start-up cache)."""
+        self = cls.__new__(cls)
+        self._setup(processor, template, image_limits, image_loader)
+        self._adopt(store, report)
+        return self
+
+    def _setup(self, processor, template, image_limits, image_loader) -> None:
         self.processor = processor
-        tokenizer = processor.tokenizer
-        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
+        self.template = get_template(template, processor.tokenizer) if isinstance(template, str) else template
         self.image_limits = image_limits or ImageLimits()
         self.image_loader = image_loader or self.image_limits.open  # picklable, for dataloader workers
-        self.report = DatasetReport(total=len(conversations))
-        self._convs: list[Conversation] = []
-        self._ids: list[np.ndarray] = []  # [L] int32 each
-        self._sup: list[np.ndarray] = []  # [L] bool each: position is supervised
-        self._n_images: list[int] = []
-        # (width, height) of each image, read from file headers, when token counts depend on it
-        self._sizes: list[list[tuple[int, int]]] | None = [] if processor.counts_depend_on_size else None
-        for conv in conversations:
-            try:
-                sizes, counts = image_token_counts(conv, processor, self.image_limits)
-                enc = encode(conv, self.template, tokenizer, processor.image_token_id, counts,
-                             max_length=max_length, overflow=overflow,
-                             tokenization=processor.tokenization)
-            except SampleError as e:
-                if strict:
-                    raise
-                self.report.problems.append(e.problem)
-                if isinstance(e, OverlongError):
-                    self.report.dropped += 1
-                else:
-                    self.report.skipped += 1
-                    self.report.skipped_indices.append(conv.index)
-                continue
-            labels = np.asarray(enc.labels, dtype=np.int64)
-            self._convs.append(conv)
-            self._ids.append(np.asarray(enc.input_ids, dtype=np.int32))
-            self._sup.append(labels != IGNORE_INDEX)
-            self._n_images.append(enc.num_images)
-            if self._sizes is not None:
-                self._sizes.append(sizes[:enc.num_images])
-            self.report.truncated += int(enc.truncated)
-        self.report.kept = len(self._convs)
+
+    def _adopt(self, store: TokenStore, report: DatasetReport) -> None:
+        self.store, self.report = store, report
+        report.kept = len(store)
         # Exact lengths (image placeholders included) and modality, for samplers and packers.
-        self.lengths: list[int] = [len(x) for x in self._ids]
-        self.has_image: list[bool] = [n > 0 for n in self._n_images]
-        if self.report.dropped or self.report.skipped or self.report.truncated:
-            log.info("%s", self.report)
+        self.lengths: list[int] = store.lengths()
+        self.has_image: list[bool] = (np.asarray(store.n_images) > 0).tolist()
+        self._with_sizes = store.has_sizes
 
     def __len__(self) -> int:
-        return len(self._convs)
+        return len(self.store)
 
     def conversation(self, i: int) -> Conversation:
-        return self._convs[i]
+        """Sample i's id, index, source and images (the images that survived truncation). The turns are
+        not kept after tokenization: read them from the data file (`conversation(i).index` is the row)."""
+        return self.store.sample(i)
 
     def num_images(self, i: int) -> int:
-        return self._n_images[i]
+        return int(self.store.n_images[i])
 
     def image_sizes(self, i: int) -> torch.Tensor | None:
         """[n, 2] (width, height) of sample i's images when the token policy needs them, else None."""
-        if self._sizes is None or not self._n_images[i]:
+        if not self._with_sizes or not self.num_images(i):
             return None
-        return torch.tensor(self._sizes[i], dtype=torch.long).reshape(-1, 2)
+        return torch.tensor(self.store.sizes(i), dtype=torch.long).reshape(-1, 2)
 
     def tokens(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids [L], labels [L]) of sample i, without opening its images."""
-        ids = torch.from_numpy(self._ids[i].astype(np.int64))  # [L]
-        labels = torch.where(torch.from_numpy(self._sup[i]), ids, torch.full_like(ids, IGNORE_INDEX))  # [L]
-        return ids, labels
+        return self.store.tokens(i)
 
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.tokens(i)
-        n = self._n_images[i]
         pixel_values = None
-        if n:
-            conv = self._convs[i]
+        if self.num_images(i):
             images = []
-            for k, ref in enumerate(conv.images[:n]):  # truncation keeps the leading images only
+            for k, ref in enumerate(self.store.images(i)):  # truncation keeps the leading images only
                 try:
                     images.append(self.image_loader(ref))
                 except Exception as e:
-                    raise SampleError.of(conv, f"image {k} cannot be opened: {e}",
+                    raise SampleError.of(self.conversation(i), f"image {k} cannot be opened: {e}",
                                          getattr(e, "hint", "") or "fix or remove the image (run `llavakit data check`)"
                                          ) from e
             pixel_values = self.processor.preprocess_images(images)  # [n, 3, H, W]
         item = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
-        if self._sizes is not None:
+        if self._with_sizes:
             item["image_sizes"] = self.image_sizes(i)
         return item

@@ -66,25 +66,26 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: int | S
     every image). With `labels`, returns ``(ids, labels)``, the copies unsupervised.
 
     The one expansion of the project: the processor and `tokenize_segments` both use it."""
+    ids = list(ids)
+    labels = list(labels) if labels is not None else None
+    where = [j for j, t in enumerate(ids) if t == image_token_id]  # found in one pass, then copied by slices
+    if not isinstance(counts, int) and len(where) > len(counts):
+        raise ValueError(f"the text has more than {len(counts)} image placeholder(s) but "
+                         f"{len(counts)} image token count(s) were given")
     out: list[int] = []
     out_labels: list[int] = []
-    k = 0
-    for j, t in enumerate(ids):
-        if t == image_token_id:
-            if isinstance(counts, int):
-                n = counts
-            elif k < len(counts):
-                n = counts[k]
-            else:
-                raise ValueError(f"the text has more than {len(counts)} image placeholder(s) but "
-                                 f"{len(counts)} image token count(s) were given")
-            k += 1
-            out += [image_token_id] * n
+    last = 0
+    for k, j in enumerate(where):
+        n = counts if isinstance(counts, int) else counts[k]
+        out += ids[last:j]
+        out += [image_token_id] * n
+        if labels is not None:
+            out_labels += labels[last:j]
             out_labels += [IGNORE_INDEX] * n
-        else:
-            out.append(t)
-            if labels is not None:
-                out_labels.append(labels[j])
+        last = j + 1
+    out += ids[last:]
+    if labels is not None:
+        out_labels += labels[last:]
     return (out, out_labels) if labels is not None else out
 
 
@@ -106,7 +107,21 @@ class OverlongError(SampleError):
 def _anchor(tokenizer) -> tuple[str, int] | None:
     """A special token to tokenize mid-text pieces behind (see the module docstring).
 
-    It must not swallow the whitespace after it (``rstrip``), or a reply's leading space would vanish."""
+    It must not swallow the whitespace after it (``rstrip``), or a reply's leading space would vanish.
+    Kept on the tokenizer (per vocabulary size: adding tokens looks again), as `added_special_ids` does."""
+    size = len(tokenizer)
+    cached = getattr(tokenizer, "_llavakit_anchor", None)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    found = _find_anchor(tokenizer)
+    try:
+        tokenizer._llavakit_anchor = (size, found)
+    except AttributeError:  # pragma: no cover - slotted tokenizer objects
+        pass
+    return found
+
+
+def _find_anchor(tokenizer) -> tuple[str, int] | None:
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     for text in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token):
         if not text:
@@ -270,7 +285,7 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
         return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)
 
     ids, labels = run(conv.turns)
-    if not any(x != IGNORE_INDEX for x in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         raise SampleError.of(conv, "no supervised token: the conversation has no assistant reply to learn",
                              "add an assistant turn or remove the sample")
     truncated = False

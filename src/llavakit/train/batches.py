@@ -15,32 +15,42 @@ log = logging.getLogger(__name__)
 
 
 # --- data ---------------------------------------------------------------------------------------
+def data_cache_dir(cfg: RunConfig) -> Path | None:
+    """Where the start-up cache lives: data.cache_dir, else $LLAVAKIT_DATA_CACHE, else RUN_DIR/data_cache
+    (None with data.cache: false)."""
+    import os
+
+    from llavakit.data.token_cache import ENV_DIR
+
+    if not cfg.data.cache:
+        return None
+    return Path(cfg.data.cache_dir or os.environ.get(ENV_DIR) or Path(cfg.train.output_dir) / "data_cache")
+
+
 def prepare_data(cfg: RunConfig, processor, say=print, run_dir: Path | None = None):
     """Read, validate and tokenize the training data; refuse to start on errors unless told.
 
     Structural and image checks come from `llavakit.data.validate` (the same as `llavakit data
     check`); token-level problems (nothing to supervise, too long to keep) come from building the
-    dataset, so every sample is tokenized once.
+    dataset, so every sample is tokenized once. All of it is read from the start-up cache
+    (`llavakit.data.token_cache`, `data_cache_dir`) when an earlier run saw the same inputs.
     """
-    from llavakit.data.dataset import SupervisedDataset
-    from llavakit.data.mixture import load_mixture
+    from llavakit.data.dataset import default_workers
+    from llavakit.data.images import ImageLimits
     from llavakit.data.templates import get_template
-    from llavakit.data.validate import validate
+    from llavakit.data.token_cache import prepare
 
     d = cfg.data
-    mixture = load_mixture(d.train, d.image_folder, d.format, seed=d.seed)
-    convs, problems = mixture.conversations, mixture.problems
     name = d.train if isinstance(d.train, str) else "the mixture"
-    from llavakit.data.images import ImageLimits
-
     limits = ImageLimits.of(d.max_pixels, d.max_side, d.max_aspect_ratio)  # checked from headers, before decoding
-    problems = validate((convs, problems), check_images=d.check_images, **limits.as_kwargs())
-    bad = {p.index for p in problems if p.severity == "error"}
     template = get_template(d.template, processor.tokenizer)
-    dataset = SupervisedDataset([c for c in convs if c.index not in bad], processor, template,
-                                max_length=d.max_length, overflow=d.overflow, image_limits=limits)
+    prepared = prepare(d.train, processor, template, image_folder=d.image_folder, format=d.format, seed=d.seed,
+                       max_length=d.max_length, overflow=d.overflow, limits=limits, check_images=d.check_images,
+                       cache_dir=data_cache_dir(cfg), workers=d.preprocess_workers or default_workers(), say=say)
+    dataset, problems = prepared.dataset, prepared.problems
     report = dataset.report
-    skipped = [p for p in report.problems if p.index in set(report.skipped_indices)]
+    skipped_at = set(report.skipped_indices)
+    skipped = [p for p in report.problems if p.index in skipped_at]
     errors = [p for p in problems if p.severity == "error"] + skipped
     warnings = [p for p in problems if p.severity == "warning"]
     if run_dir is not None:
@@ -60,8 +70,8 @@ def prepare_data(cfg: RunConfig, processor, say=print, run_dir: Path | None = No
                 f"(`llavakit data check {name}` lists all) or set data.skip_invalid=true to train on the rest"
             )
         say(f"skipping {n_bad} invalid sample(s) (data.skip_invalid=true); {len(dataset)} remain")
-    if mixture.is_mixture:
-        say("data mixture:\n" + mixture.table(problems))
+    if prepared.mixture_table is not None:
+        say("data mixture:\n" + prepared.mixture_table)
     say(f"data: {report}")
     if len(dataset) == 0:
         raise ConfigError(f"no trainable samples left in {name}")

@@ -61,6 +61,13 @@ class DataConfig:
     # Folder of a frozen-vision feature cache (train/feature_cache.py): the vision tower runs once per
     # image and later epochs/runs read its outputs from disk. Needs train.train_vision: false.
     feature_cache: str | None = None
+    # Start-up cache (llavakit.data.token_cache): validation + tokenization results of JSON/JSONL data, written
+    # once and memory-mapped by later runs on the same inputs. Folder: cache_dir, else $LLAVAKIT_DATA_CACHE,
+    # else RUN_DIR/data_cache. cache: false reads and tokenizes everything every time.
+    cache: bool = True
+    cache_dir: str | None = None
+    # Processes that tokenize a large dataset (forked; 0 = the CPUs this process may use, at most 8; 1 = none)
+    preprocess_workers: int = 0
 
 
 @dataclass
@@ -209,6 +216,12 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"train.loss_chunk_size={t.loss_chunk_size} chunks the supervised-only loss: it needs "
          "train.supervised_logits_only: true (or set train.loss_chunk_size: 0)"),
         (isinstance(t.compile, bool), f"train.compile={t.compile!r} must be true or false"),
+        (isinstance(d.cache, bool), f"data.cache={d.cache!r} must be true or false"),
+        (d.cache_dir is None or (isinstance(d.cache_dir, str) and d.cache_dir.strip() != ""),
+         f"data.cache_dir={d.cache_dir!r} must be a folder path (or unset)"),
+        (isinstance(d.preprocess_workers, int) and not isinstance(d.preprocess_workers, bool)
+         and d.preprocess_workers >= 0,
+         f"data.preprocess_workers={d.preprocess_workers!r} must be an integer >= 0 (0 = one per CPU)"),
         (d.train is not None, "data.train is not set: point it at a LLaVA JSON/JSONL, messages file or HF dataset"),
         (cfg.model.init_from is not None or (cfg.model.vision and cfg.model.llm),
          "set model.vision and model.llm (hub ids or paths), or model.init_from"),

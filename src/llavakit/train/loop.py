@@ -167,7 +167,14 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
 
     model, processor = assemble(cfg)
     processor.template = cfg.data.template
-    dataset = prepare_data(cfg, processor, say, run_dir if main else None)
+    if cfg.data.cache and accelerator.num_processes > 1:
+        # The main process reads, checks and tokenizes the data and writes the start-up cache; the others wait,
+        # then read that cache (an error there stops every process with its message: no rank left waiting).
+        built = {}
+        _on_main(accelerator, lambda: built.setdefault("dataset", prepare_data(cfg, processor, say, run_dir)))
+        dataset = built["dataset"] if main else prepare_data(cfg, processor, say, None)
+    else:
+        dataset = prepare_data(cfg, processor, say, run_dir if main else None)
     fingerprint = data_fingerprint(dataset)
     if resume:
         check_resume_data(run_dir, cfg, fingerprint, say)

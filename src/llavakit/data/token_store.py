@@ -1,0 +1,176 @@
+"""`TokenStore`: a tokenized dataset as a few flat numpy arrays, not Python lists of ints.
+
+One ``int32`` array holds the token ids of every sample back to back (``offsets`` [N+1] cut it);
+labels are not stored: a sample's supervised positions are a few ``[start, end)`` spans
+(``spans`` [S, 2], cut by ``span_offsets`` [N+1]), and a label is its token id there and
+``IGNORE_INDEX`` elsewhere. Image references are indices into one table of distinct paths, sample
+ids and sources are packed UTF-8 (`Strings`). Every column is a plain array, so the start-up cache
+(`llavakit.data.token_cache`) writes them to one file and memory-maps them back: a re-run holds
+almost nothing resident until a sample is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .conversation import Conversation
+
+IGNORE_INDEX = -100
+
+
+class Strings:
+    """A read-only sequence of ``str | None`` packed as UTF-8 bytes + offsets (``None``: ``present`` False)."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, present: np.ndarray):
+        self.blob, self.offsets, self.present = blob, offsets, present
+
+    @classmethod
+    def pack(cls, values: Sequence[str | None]) -> "Strings":
+        encoded = [b"" if v is None else v.encode("utf-8", "surrogatepass") for v in values]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        return cls(blob, offsets, np.array([v is not None for v in values], dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    def __getitem__(self, i: int) -> str | None:
+        if not self.present[i]:
+            return None
+        return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8", "surrogatepass")
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.blob": self.blob, f"{prefix}.offsets": self.offsets, f"{prefix}.present": self.present}
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray], prefix: str) -> "Strings":
+        return cls(arrays[f"{prefix}.blob"], arrays[f"{prefix}.offsets"], arrays[f"{prefix}.present"])
+
+
+def supervised_spans(labels: Sequence[int]) -> np.ndarray:
+    """[S, 2] int32 ``[start, end)`` runs of positions whose label is not IGNORE_INDEX."""
+    sup = np.asarray(labels, dtype=np.int64) != IGNORE_INDEX
+    edges = np.diff(np.concatenate(([False], sup, [False])).astype(np.int8))
+    return np.stack([np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)], axis=1).astype(np.int32)
+
+
+class StoreBuilder:
+    """Collects encoded samples (in dataset order) into the arrays of a `TokenStore`."""
+
+    def __init__(self, with_sizes: bool):
+        self.ids: list[np.ndarray] = []
+        self.spans: list[np.ndarray] = []
+        self.n_images: list[int] = []
+        self.images: list[int] = []  # table positions, sample after sample
+        self.sizes: list[tuple[int, int]] | None = [] if with_sizes else None
+        self.index: list[int] = []
+        self.sample_ids: list[str | None] = []
+        self.sources: list[int] = []
+        self.table: list[Any] = []  # distinct image references
+        self._where: dict[Any, int] = {}
+        self._source_names: dict[str, int] = {}
+
+    def _ref(self, ref: Any) -> int:
+        key = ref if isinstance(ref, str) else ("object", id(ref))
+        k = self._where.get(key)
+        if k is None:
+            k = self._where[key] = len(self.table)
+            self.table.append(ref)
+        return k
+
+    def add(self, conv: Conversation, ids: np.ndarray, spans: np.ndarray, n_images: int,
+            sizes: Sequence[tuple[int, int]] | None) -> None:
+        self.ids.append(ids)
+        self.spans.append(spans)
+        self.n_images.append(n_images)
+        self.images += [self._ref(ref) for ref in conv.images[:n_images]]
+        if self.sizes is not None:
+            self.sizes += [tuple(s) for s in (sizes or [])[:n_images]]
+        self.index.append(conv.index)
+        self.sample_ids.append(conv.id)
+        self.sources.append(self._source_names.setdefault(conv.source, len(self._source_names)))
+
+    def finish(self) -> "TokenStore":
+        def cuts(parts):
+            out = np.zeros(len(parts) + 1, dtype=np.int64)
+            np.cumsum([len(p) for p in parts], out=out[1:])
+            return out
+
+        n_images = np.asarray(self.n_images, dtype=np.int32)
+        arrays = {
+            "ids": np.concatenate(self.ids).astype(np.int32) if self.ids else np.zeros(0, np.int32),
+            "offsets": cuts(self.ids),
+            "spans": np.concatenate(self.spans).astype(np.int32) if self.spans else np.zeros((0, 2), np.int32),
+            "span_offsets": cuts(self.spans),
+            "n_images": n_images,
+            "image_offsets": np.concatenate(([0], np.cumsum(n_images, dtype=np.int64))),
+            "images": np.asarray(self.images, dtype=np.int32),
+            "index": np.asarray(self.index, dtype=np.int64),
+            "source": np.asarray(self.sources, dtype=np.int32),
+        }
+        if self.sizes is not None:
+            arrays["sizes"] = np.asarray(self.sizes, dtype=np.int64).reshape(-1, 2)
+        arrays.update(Strings.pack(self.sample_ids).arrays("id"))
+        arrays.update(Strings.pack(list(self._source_names)).arrays("source_names"))
+        if all(isinstance(r, str) for r in self.table):  # paths: packed (and cacheable)
+            arrays.update(Strings.pack(self.table).arrays("table"))
+            return TokenStore(arrays)
+        return TokenStore(arrays, table=list(self.table))
+
+
+class TokenStore:
+    """The columns of a tokenized dataset (see the module docstring); ``arrays`` may be memory-maps.
+
+    ``table`` is given only when some image reference is not a path (bytes, a PIL image): such a
+    store lives in memory and is not written to the start-up cache (`cacheable` is False)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], table: list | None = None):
+        self.arrays = arrays
+        self._ids, self._offsets = arrays["ids"], arrays["offsets"]
+        self._spans, self._span_offsets = arrays["spans"], arrays["span_offsets"]
+        self._images, self._image_offsets = arrays["images"], arrays["image_offsets"]
+        self._sizes = arrays.get("sizes")
+        self.table = table if table is not None else Strings.of(arrays, "table")
+        self.cacheable = table is None
+        self._sample_ids = Strings.of(arrays, "id")
+        self._source_names = Strings.of(arrays, "source_names")
+        self.n_images = arrays["n_images"]
+
+    def __len__(self) -> int:
+        return len(self.n_images)
+
+    @property
+    def has_sizes(self) -> bool:
+        return self._sizes is not None
+
+    def lengths(self) -> list[int]:
+        return np.diff(self._offsets).tolist()
+
+    def tokens(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [L], labels [L]) of sample i (int64)."""
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        ids = torch.from_numpy(np.array(self._ids[a:b], dtype=np.int64))  # copy out of a memory-map
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for start, end in self._spans[self._span_offsets[i]:self._span_offsets[i + 1]]:
+            labels[start:end] = ids[start:end]
+        return ids, labels
+
+    def images(self, i: int) -> list[Any]:
+        """The references of sample i's images that survived truncation, in placeholder order."""
+        a, b = int(self._image_offsets[i]), int(self._image_offsets[i + 1])
+        return [self.table[int(k)] for k in self._images[a:b]]
+
+    def sizes(self, i: int) -> list[tuple[int, int]] | None:
+        if self._sizes is None:
+            return None
+        a, b = int(self._image_offsets[i]), int(self._image_offsets[i + 1])
+        return [tuple(int(v) for v in s) for s in self._sizes[a:b]]
+
+    def sample(self, i: int) -> Conversation:
+        """Sample i's identity and images as a `Conversation` without turns (the text is not kept)."""
+        return Conversation([], self.images(i), id=self._sample_ids[i], index=int(self.arrays["index"][i]),
+                            source=self._source_names[int(self.arrays["source"][i])] or "")
