@@ -1,4 +1,5 @@
-"""`llavakit export RUN_OR_MODEL_DIR OUT --format hf-llava|gguf`: write a checkpoint other tools load unchanged.
+"""`llavakit export RUN_OR_MODEL_DIR OUT --format hf-llava|hf-llava-next|gguf`: write a checkpoint other tools
+load unchanged. An ``image_tokens: anyres`` model exported as hf-llava is written as hf-llava-next (LLaVA-NeXT).
 
 `--format gguf` writes model-<dtype>.gguf + mmproj-<dtype>.gguf + an Ollama Modelfile for llama.cpp
 (`--dtype f32|f16|q8_0`, default f16; see docs/gguf.md).
@@ -23,7 +24,8 @@ def add_arguments(parser) -> None:
                         help="saved llavakit model folder, or a training run folder (uses RUN/model)")
     parser.add_argument("out", metavar="OUT", help="folder to write (must be new or empty, see --overwrite)")
     parser.add_argument("--format", default="hf-llava", choices=sorted(EXPORT_FORMATS),
-                        help="hf-llava: transformers' LlavaForConditionalGeneration / vLLM (default); "
+                        help="hf-llava: transformers' LlavaForConditionalGeneration / vLLM (default; an anyres "
+                             "model is written as hf-llava-next); hf-llava-next: LlavaNextForConditionalGeneration; "
                              "gguf: llama.cpp / Ollama (text model + mmproj)")
     parser.add_argument("--dtype", default=None, choices=[*HF_DTYPES, *GGUF_ONLY_DTYPES],
                         help="hf-llava: cast the weights to float32/float16/bfloat16 (default: keep the saved "

@@ -56,7 +56,7 @@ def select_strategy(config: LlavakitConfig) -> tuple[str, int]:
     )
 
 
-def _check_projector(config: LlavakitConfig) -> str:
+def check_projector(config: LlavakitConfig) -> str:
     if config.projector not in HF_LLAVA_PROJECTORS:
         raise ValueError(
             f"projector {config.projector!r} cannot be written as an HF Llava checkpoint: HF Llava's projector "
@@ -66,7 +66,7 @@ def _check_projector(config: LlavakitConfig) -> str:
 
 
 def hf_llava_config(config: LlavakitConfig, dtype: torch.dtype | None = None) -> LlavaConfig:
-    act = _check_projector(config)
+    act = check_projector(config)
     strategy, _ = select_strategy(config)
     text = config.text_config.to_dict()
     vision = config.vision_config.to_dict()
@@ -100,28 +100,39 @@ def chat_template_for(processor: LlavakitProcessor) -> str | None:
     return multimodal_chat_template(own) if own else None
 
 
+def uses_pil_backend(image_processor) -> bool:
+    """Whether an image processor is transformers' PIL backend (else torchvision): exports keep the backend."""
+    from transformers.image_processing_backends import PilBackend
+
+    return isinstance(image_processor, PilBackend)
+
+
+def image_processor_fields(processor: LlavakitProcessor, config: LlavakitConfig) -> dict:
+    """The encoder image processor's resize/crop/normalise settings, as keyword arguments for an HF Llava(-Next)
+    image processor. Unset fields are written as False/None so HF's own defaults (224 px crop) never leak in."""
+    ip = processor.image_processor
+    fields = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+              "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    kwargs = {f: getattr(ip, f, None) for f in fields}
+    kwargs = {k: (bool(v) if k.startswith("do_") else v) for k, v in kwargs.items()
+              if v is not None or k.startswith("do_")}
+    # HF's processors count image tokens (and cut tiles) from crop_size; without a crop that is the tower's input.
+    side = int(config.vision_config.image_size)
+    kwargs.setdefault("crop_size", {"height": side, "width": side})
+    return kwargs
+
+
 def _hf_image_processor(processor: LlavakitProcessor, config: LlavakitConfig):
     """The image processor HF's LlavaProcessor should use. LLaVA's `pad` aspect (expand to a square of
     the mean colour, then the tower's usual resize/crop) is llava-hf's `LlavaImageProcessor(do_pad=True)`."""
     ip = processor.image_processor
     if processor.image_aspect == "resize":
         return ip
-    from transformers.image_processing_backends import PilBackend
-
-    if isinstance(ip, PilBackend):  # keep the backend (PIL or torchvision) the model's processor uses
+    if uses_pil_backend(ip):  # keep the backend (PIL or torchvision) the model's processor uses
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as cls
     else:
         from transformers import LlavaImageProcessor as cls
-    fields = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-              "do_normalize", "image_mean", "image_std", "do_convert_rgb")
-    # Unset fields are written as False/None so Llava's own defaults (224 px crop) never leak in.
-    kwargs = {f: getattr(ip, f, None) for f in fields}
-    kwargs = {k: (bool(v) if k.startswith("do_") else v) for k, v in kwargs.items()
-              if v is not None or k.startswith("do_")}
-    # HF's LlavaProcessor counts image tokens from crop_size; without a crop that is the tower's input size.
-    side = int(config.vision_config.image_size)
-    kwargs.setdefault("crop_size", {"height": side, "width": side})
-    return cls(do_pad=True, **kwargs)
+    return cls(do_pad=True, **image_processor_fields(processor, config))
 
 
 def hf_llava_processor(processor: LlavakitProcessor, config: LlavakitConfig) -> LlavaProcessor:
@@ -151,7 +162,7 @@ def hf_llava_processor(processor: LlavakitProcessor, config: LlavakitConfig) -> 
 _OPTIONAL_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pick a new folder or pass overwrite=True "
@@ -174,18 +185,26 @@ def export_hf_llava(model: LlavakitForConditionalGeneration, processor: Llavakit
     dtype = parse_dtype(dtype)
     hf_config = hf_llava_config(config, dtype or model.dtype)  # validates projector + strategy first
     hf_processor = hf_llava_processor(processor, config)
-    state = legacy_state_dict(model)
+    return write_checkpoint(model, legacy_state_dict(model), hf_config, hf_processor, out, max_shard_size=max_shard_size,
+                            dtype=dtype, overwrite=overwrite)
+
+
+def write_checkpoint(model, state: dict, hf_config, hf_processor, out: str | Path, *, max_shard_size: int | str,
+                     dtype: torch.dtype | None, overwrite: bool) -> Path:
+    """Write weights `state` (cast to `dtype` when given), `hf_config`, the model's generation config and
+    `hf_processor` to `out`, with the transformers 4.x fields next to 5.x's. Returns `out`."""
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(out)
-    _prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)
     files = write_safetensors(state, out, max_shard_size)
     hf_config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     hf_processor.save_pretrained(out)
     write_legacy_fields(out, hf_processor.tokenizer)
-    log.info("exported hf-llava checkpoint to %s (%d weight file(s), %d tensors)", out, len(files), len(state))
+    log.info("exported %s checkpoint to %s (%d weight file(s), %d tensors)", hf_config.model_type, out, len(files),
+             len(state))
     return out
 
 

@@ -1,5 +1,6 @@
-"""Open a llava-hf checkpoint (`LlavaForConditionalGeneration`) as a llavakit model, so training can start
-from it: transformers' own loader reads the weights, and its modules move into a llavakit model.
+"""Open a llava-hf checkpoint (`LlavaForConditionalGeneration`, or LLaVA-NeXT's
+`LlavaNextForConditionalGeneration` as an ``image_tokens: anyres`` model) as a llavakit model, so training
+can start from it: transformers' own loader reads the weights, and its modules move into a llavakit model.
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
+from transformers import (AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration,
+                          LlavaNextForConditionalGeneration)
 
+from ..model.anyres import check_grid_pinpoints
 from ..model.assemble import assemble, check_loading, count_prefix_tokens
 from ..model.config import parse_dtype
 
@@ -48,14 +51,43 @@ def import_hf_llava(path: str | Path, dtype: torch.dtype | str | None = None, de
     key spelling it accepts works) and must load with nothing missing or unexpected. `device_map`,
     `attn_implementation` and hub options go to that loader.
     """
+    return _import(LlavaForConditionalGeneration, path, dtype, device_map, attn_implementation, hub_kwargs)
+
+
+def import_hf_llava_next(path: str | Path, dtype: torch.dtype | str | None = None, device_map=None,
+                         attn_implementation: str | None = None, **hub_kwargs):
+    """Open a llava-hf LLaVA-NeXT checkpoint (`LlavaNextForConditionalGeneration`) as an ``image_tokens:
+    anyres`` llavakit (model, processor) pair, with its ``image_grid_pinpoints`` and ``image_newline``."""
+    return _import(LlavaNextForConditionalGeneration, path, dtype, device_map, attn_implementation, hub_kwargs)
+
+
+def _tile_image_processor(image_processor):
+    """The encoder's own (CLIP) image processor with a LlavaNext image processor's settings: llavakit cuts the
+    tiles itself (`llavakit.model.anyres`) and preprocesses each tile with this one."""
+    from transformers.image_processing_backends import PilBackend
+
+    if isinstance(image_processor, PilBackend):
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+    else:
+        from transformers import CLIPImageProcessor as cls
+    fields = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+              "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    kwargs = {f: getattr(image_processor, f) for f in fields if getattr(image_processor, f, None) is not None}
+    for key in ("size", "crop_size"):
+        if key in kwargs and not isinstance(kwargs[key], dict):
+            kwargs[key] = {k: v for k, v in vars(kwargs[key]).items() if v is not None}
+    return cls(**kwargs)
+
+
+def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: dict):
     dtype = parse_dtype(dtype)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{Path(path) / 'config.json'} not found: {path} is not a llava-hf checkpoint")
     load_kwargs = dict(hub_kwargs)
     if attn_implementation:
         load_kwargs["attn_implementation"] = attn_implementation
-    hf, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto", device_map=device_map,
-                                                             output_loading_info=True, **load_kwargs)
+    hf, info = hf_class.from_pretrained(path, dtype=dtype or "auto", device_map=device_map, output_loading_info=True,
+                                        **load_kwargs)
     check_loading("the llava-hf checkpoint", path, info,
                   hint="Check that the folder is a complete llava-hf checkpoint (config.json + all weight shards).")
     hf_cfg = hf.config
@@ -67,8 +99,17 @@ def import_hf_llava(path: str | Path, dtype: torch.dtype | str | None = None, de
         )
     hp = AutoProcessor.from_pretrained(path, **hub_kwargs)
     tokenizer, image_processor = hp.tokenizer, hp.image_processor
+    next_ = hf_class is LlavaNextForConditionalGeneration
+    projector_weights = dict(hf.model.multi_modal_projector.state_dict())
+    if next_:
+        pinpoints = check_grid_pinpoints(hf_cfg.image_grid_pinpoints, int(hf_cfg.vision_config.image_size))
+        if [list(p) for p in image_processor.image_grid_pinpoints] != pinpoints:
+            raise ValueError(f"{path}: the image processor's image_grid_pinpoints {image_processor.image_grid_pinpoints} "
+                             f"differ from the model's {pinpoints}")
+        image_processor = _tile_image_processor(image_processor)
+        projector_weights["image_newline.weight"] = hf.model.image_newline
     # llavakit's processor owns the pad-to-square step (image_aspect), so the image processor must not pad too.
-    aspect = "pad" if getattr(image_processor, "do_pad", False) else "resize"
+    aspect = "pad" if getattr(image_processor, "do_pad", False) and not next_ else "resize"
     if aspect == "pad":
         image_processor.do_pad = False
     if tokenizer.pad_token is None:
@@ -78,12 +119,14 @@ def import_hf_llava(path: str | Path, dtype: torch.dtype | str | None = None, de
     tower = hf.model.vision_tower
     prefix = count_prefix_tokens(tower, hf_cfg.vision_config)
     model, processor = assemble(
-        tower, _causal_lm(hf), tokenizer, image_processor, projector="mlp2x_gelu",
-        projector_weights=hf.model.multi_modal_projector.state_dict(),
+        tower, _causal_lm(hf), tokenizer, image_processor, projector="mlp2x_gelu", projector_weights=projector_weights,
+        image_tokens="anyres" if next_ else "base",
         vision_feature_layer=hf_cfg.vision_feature_layer, vision_feature_select=_vision_select(hf_cfg, prefix, path),
         image_token=hp.image_token, image_token_id=hf_cfg.image_token_id, image_aspect=aspect,
         components={"hf-llava": str(path)}, chat_template=hp.chat_template,
         attn_implementation=hf_cfg._attn_implementation, generation_config=hf.generation_config,
         tokenization="llm")  # LlavaProcessor: one string, bos by the tokenizer
+    if next_:  # assemble gives the encoder-size defaults; the checkpoint's own pinpoints win
+        model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
     model.eval()
     return model, processor

@@ -12,7 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 FEATURE_SELECT = ("patch", "cls_patch")
 DTYPES = ("float32", "float16", "bfloat16")
-IMAGE_TOKEN_POLICIES = ("base", "unpad")  # see LlavakitConfig.image_tokens
+IMAGE_TOKEN_POLICIES = ("base", "unpad", "anyres")  # see LlavakitConfig.image_tokens
 
 
 def parse_dtype(dtype):
@@ -46,8 +46,13 @@ class LlavakitConfig(PreTrainedConfig):
     vision_prefix_tokens: int = 0
     # How many tokens an image gets: "base" = every feature of the square the tower sees; "unpad" =
     # only the features over the image itself when it was padded to a square (LLaVA-NeXT's unpadding,
-    # one tile; the processor counts them, `LlavakitProcessor.num_image_tokens`).
+    # one tile; the processor counts them, `LlavakitProcessor.num_image_tokens`); "anyres" = LLaVA-NeXT's
+    # tiles: a base tile + a grid of tiles chosen from `image_grid_pinpoints`, unpadded, with a learned
+    # newline after each row (`llavakit.model.anyres`).
     image_tokens: str = "base"
+    # anyres only: the [height, width] px resolutions the tile grid may take, each a multiple of the
+    # encoder's input size; None = LLaVA-NeXT's default for that size (filled in, so it is recorded).
+    image_grid_pinpoints: list[list[int]] | None = None
     image_token_id: int | None = None
     pad_token_id: int | None = None
     # {"vision": id_or_path, "llm": id_or_path} the model was assembled from.
@@ -64,6 +69,12 @@ class LlavakitConfig(PreTrainedConfig):
             raise ValueError(f"image_tokens={self.image_tokens!r} is not one of {list(IMAGE_TOKEN_POLICIES)}")
         if isinstance(self.vision_feature_layer, (list, tuple)):
             self.vision_feature_layer = [int(x) for x in self.vision_feature_layer]
+        if self.image_tokens == "anyres" and self.vision_config is not None:
+            from .anyres import check_grid_pinpoints, default_grid_pinpoints
+
+            tile = int(self.vision_config.image_size)
+            self.image_grid_pinpoints = check_grid_pinpoints(self.image_grid_pinpoints or
+                                                             default_grid_pinpoints(tile), tile)
         # A tied-embedding LLM (e.g. Qwen2.5-0.5B) keeps its tying inside the composite model.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

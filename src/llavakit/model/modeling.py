@@ -4,7 +4,9 @@ The three parts are ordinary transformers modules built with ``AutoModel.from_co
 ``AutoModelForCausalLM.from_config`` (LLM), so ``save_pretrained``/``from_pretrained``, PEFT,
 ``generate`` and accelerate/FSDP work on the composite without glue. Image features are put in
 place with one guarded ``masked_scatter`` (no per-sample loops): the processor has already expanded
-every ``<image>`` into ``config.image_seq_length`` placeholder ids, in text order.
+every ``<image>`` into as many placeholder ids as the image has features (`LlavakitProcessor.image_token_counts`),
+in text order. Under ``unpad`` / ``anyres`` the per-image features are cut (and, for anyres, tiled and given
+row newlines) from ``image_sizes`` by `select_image_features`, by the same rules the processor counts with.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
+from .anyres import ImageNewline, anyres_features, num_tiles
 from .config import LlavakitConfig
 from .loss import linear_cross_entropy_sum
 from .projectors import build_projector
@@ -30,7 +33,7 @@ class LlavakitPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # The vision tower and the LLM initialise themselves; only the projector is ours.
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, ImageNewline)):
             module.reset_parameters()
 
 
@@ -47,6 +50,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         in_dim = config.vision_config.hidden_size * len(config.feature_layers)
         self.multi_modal_projector = build_projector(config.projector, in_dim, config.text_config.hidden_size)
+        if config.image_tokens == "anyres":  # trained, saved and loaded with the projector (anyres.ImageNewline)
+            self.multi_modal_projector.image_newline = ImageNewline(config.text_config.hidden_size)
         self.post_init()
 
     # --- plumbing the LLM's embeddings through, so resize/PEFT/generate see them ---------------
@@ -101,6 +106,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             return list(image_features)
         from .processor import feature_grid, unpadded_box
 
+        if self.config.image_tokens == "anyres":
+            return self.anyres_image_features(image_features, image_sizes)
         if image_sizes is None or len(image_sizes) != image_features.shape[0]:
             got = "none" if image_sizes is None else len(image_sizes)
             raise ValueError(f"image_tokens='unpad' needs image_sizes [N_img, 2] (width, height) for each of the "
@@ -113,6 +120,25 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             top, bottom, left, right = unpadded_box(int(w), int(h), g)
             out.append(grid[k, top:bottom, left:right].reshape(-1, d))  # [T_k, D]
         return out
+
+    def tiles_per_image(self, image_sizes: torch.Tensor) -> list[int]:
+        """anyres: how many tiles (base + grid) each image of ``image_sizes`` [N_img, 2] (width, height) has."""
+        tile = int(self.config.vision_config.image_size)
+        return [num_tiles(int(w), int(h), self.config.image_grid_pinpoints, tile) for w, h in image_sizes.tolist()]
+
+    def anyres_image_features(self, tile_features: torch.Tensor, image_sizes: torch.Tensor | None) -> list:
+        """Tile features [sum of tiles, T, D] (every image's base tile, then its grid) -> per-image [T_i, D]."""
+        if image_sizes is None:
+            raise ValueError("image_tokens='anyres' needs image_sizes [N_img, 2] (width, height); the processor "
+                             "returns them")
+        counts = self.tiles_per_image(image_sizes)
+        if sum(counts) != tile_features.shape[0]:
+            raise ValueError(f"image_tokens='anyres': image_sizes {image_sizes.tolist()} need {counts} tiles "
+                             f"({sum(counts)} in all), pixel_values hold {tile_features.shape[0]}")
+        tile = int(self.config.vision_config.image_size)
+        newline = self.multi_modal_projector.image_newline.weight
+        return [anyres_features(f, (int(w), int(h)), self.config.image_grid_pinpoints, tile, newline)
+                for f, (w, h) in zip(tile_features.split(counts), image_sizes.tolist())]
 
     def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features):
         """Write image features over the placeholder positions, in order (one masked_scatter).
@@ -145,6 +171,13 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         projector, e.g. from a stage-1 feature cache), or as ready `image_features`.
         """
         inputs_embeds = self.get_input_embeddings()(input_ids)
+        anyres = self.config.image_tokens == "anyres"
+        if anyres and vision_features is not None and vision_features.shape[0] > 0:
+            raise ValueError("image_tokens='anyres' cannot take cached vision_features (the cache holds one "
+                             "base-resolution tile per image); train stage 1 with image_tokens='base' or no cache")
+        if anyres and pixel_values is not None and pixel_values.dim() == 5 and image_sizes is not None:
+            # transformers' LlavaNext layout [N_img, max_tiles, 3, H, W]: keep each image's own tiles
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, self.tiles_per_image(image_sizes))])
         if image_features is None and vision_features is not None and vision_features.shape[0] > 0:
             image_features = self.multi_modal_projector(vision_features.to(inputs_embeds.dtype))
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
@@ -164,6 +197,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
                 size = int(self.config.vision_config.image_size)
                 channels = int(getattr(self.config.vision_config, "num_channels", 3))
                 blank = self.get_image_features(inputs_embeds.new_zeros(1, channels, size, size))
+            if anyres:  # the newline too: every trainable weight takes part on every rank
+                blank = blank.sum() + self.multi_modal_projector.image_newline.weight.sum()
             inputs_embeds = inputs_embeds + 0.0 * blank.sum().to(inputs_embeds.dtype)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if prefill and bool((input_ids == self.config.image_token_id).any()):

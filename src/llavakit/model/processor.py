@@ -12,6 +12,12 @@ Token policies (``image_tokens``, recorded with the model config too):
   tile: the feature-grid rows (or columns) that cover only the padding are dropped, so a 2:1 image
   gets about half the tokens. The count depends on the image's size (`unpadded_box`); the model
   receives the sizes as ``image_sizes`` [N, 2] (width, height) and cuts its features the same way.
+* ``anyres`` (needs ``image_aspect="resize"`` and a square feature grid) — LLaVA-NeXT's tiles
+  (`llavakit.model.anyres`): a base tile plus a grid chosen from ``image_grid_pinpoints``, unpadded, one
+  newline per row. ``pixel_values`` then holds every tile of every image, base tile first, in image order:
+  [sum of tiles, 3, H, W] (so batches concatenate like one-tile images); the model recounts each image's
+  tiles from ``image_sizes``. Every image of a sample is tiled, as transformers' LlavaNext does (OneVision's
+  base-only rule for multi-image samples is not implemented).
 
 ``tokenization`` records how the checkpoint was trained to see text (`llavakit.data.tokenize`):
 ``llm`` and ``text`` tokenize a text in one piece (with ``add_special_tokens`` as given), ``llava``
@@ -28,6 +34,8 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from llavakit.data.conversation import IMAGE_MARKER
+from llavakit.model.anyres import (anyres_tiles, anyres_token_count, check_grid_pinpoints, default_grid_pinpoints,
+                                   unpadded_extent)
 from llavakit.model.config import IMAGE_TOKEN_POLICIES
 from llavakit.data.tokenize import (LEGACY_TOKENIZATION, added_special_ids, check_tokenization,
                                     expand_image_tokens)
@@ -38,18 +46,8 @@ IMAGE_ASPECTS = ("resize", "pad")
 def unpadded_box(width: int, height: int, grid: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the feature rows/columns of a `grid` x `grid` map that cover a
     width x height image centred on a padded square (LLaVA-NeXT's rule: the scaled short side,
-    rounded; the padding split evenly, floor on each side)."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if width > height:
-        kept = int(round(height * grid / width, 7))
-        pad = (grid - kept) // 2
-        return pad, grid - pad, 0, grid
-    if height > width:
-        kept = int(round(width * grid / height, 7))
-        pad = (grid - kept) // 2
-        return 0, grid, pad, grid - pad
-    return 0, grid, 0, grid
+    rounded; the padding split evenly, floor on each side; `llavakit.model.anyres.unpadded_extent`)."""
+    return unpadded_extent(width, height, grid, grid)
 
 
 def feature_grid(image_seq_length: int) -> int:
@@ -74,10 +72,26 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
+def encoder_input_size(image_processor) -> int:
+    """Side (px) of the square an encoder's image processor outputs: its crop, else its resize target."""
+    def field(obj, key):
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    crop, size = getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)
+    if getattr(image_processor, "do_center_crop", False) and crop is not None and field(crop, "height"):
+        return int(field(crop, "height"))
+    side = (field(size, "height") or field(size, "shortest_edge")) if size is not None else None
+    if not side:
+        raise ValueError(f"cannot tell the input size of {type(image_processor).__name__} (size={size!r}, "
+                         f"crop_size={crop!r}); image_tokens='anyres' needs square tiles of a known size")
+    return int(side)
+
+
 class LlavakitProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_MARKER,
                  image_seq_length: int = 1, image_aspect: str = "resize", template: str | None = None,
-                 tokenization: str = LEGACY_TOKENIZATION, image_tokens: str = "base", **kwargs):
+                 tokenization: str = LEGACY_TOKENIZATION, image_tokens: str = "base",
+                 image_grid_pinpoints: list[list[int]] | None = None, **kwargs):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect={image_aspect!r} is not one of {list(IMAGE_ASPECTS)}")
         if image_tokens not in IMAGE_TOKEN_POLICIES:
@@ -87,6 +101,15 @@ class LlavakitProcessor(ProcessorMixin):
                 raise ValueError("image_tokens='unpad' drops the features over LLaVA's square padding, so it "
                                  "needs image_aspect='pad'")
             feature_grid(image_seq_length)
+        if image_tokens == "anyres":
+            if image_aspect != "resize":
+                raise ValueError("image_tokens='anyres' tiles the image itself (its base tile is the whole image "
+                                 "resized, as LLaVA-NeXT); use image_aspect='resize'")
+            feature_grid(image_seq_length)
+            tile = encoder_input_size(image_processor)
+            image_grid_pinpoints = check_grid_pinpoints(image_grid_pinpoints or default_grid_pinpoints(tile), tile)
+        # anyres: the [height, width] px the tile grid may take (recorded in processor_config.json)
+        self.image_grid_pinpoints = image_grid_pinpoints
         self.image_tokens = image_tokens
         self.tokenization = check_tokenization(tokenization)
         self.image_token = image_token
@@ -113,8 +136,16 @@ class LlavakitProcessor(ProcessorMixin):
         if image_size is None:
             raise ValueError(f"image_tokens={self.image_tokens!r}: the token count depends on the image size; "
                              "pass image_size=(width, height)")
+        if self.image_tokens == "anyres":
+            return anyres_token_count(*image_size, self.image_grid_pinpoints, self.tile_size,
+                                      feature_grid(self.image_seq_length))
         top, bottom, left, right = unpadded_box(*image_size, feature_grid(self.image_seq_length))
         return (bottom - top) * (right - left)
+
+    @property
+    def tile_size(self) -> int:
+        """Side (px) of the encoder's square input: one anyres tile."""
+        return encoder_input_size(self.image_processor)
 
     def image_token_counts(self, images: Sequence) -> list[int]:
         """One count per image: PIL images, (width, height) pairs, or references `open_image` reads
@@ -123,8 +154,14 @@ class LlavakitProcessor(ProcessorMixin):
             return [self.image_seq_length] * len(images)
         from llavakit.data.images import image_size
 
-        return [self.num_image_tokens(tuple(im) if isinstance(im, (tuple, list)) else image_size(im, None))
-                for im in images]
+        def size_of(im):
+            if isinstance(im, (tuple, list)):
+                return tuple(im)
+            size = image_size(im, None)  # refuses sizes over the limits; EXIF-upright for references
+            # an opened image is preprocessed as stored (no EXIF turn), so its tiles and count follow im.size
+            return im.size if isinstance(im, Image.Image) else size
+
+        return [self.num_image_tokens(size_of(im)) for im in images]
 
     # --- images ---------------------------------------------------------------------------------
     def _fill_colour(self) -> tuple[int, int, int]:
@@ -132,8 +169,13 @@ class LlavakitProcessor(ProcessorMixin):
         return tuple(int(255 * m) for m in mean)  # truncation, as LLaVA and transformers do
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values [N, 3, H, W] (float32)."""
+        """PIL images -> pixel_values [N, 3, H, W] (float32); under ``anyres`` every image's tiles, base tile
+        first: [sum of tiles, 3, H, W]."""
         rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
+        if self.image_tokens == "anyres":
+            resample = getattr(self.image_processor, "resample", None)
+            resample = Image.BICUBIC if resample is None else int(resample)
+            rgb = [t for im in rgb for t in anyres_tiles(im, self.image_grid_pinpoints, self.tile_size, resample)]
         if self.image_aspect == "pad":
             rgb = [expand_to_square(im, self._fill_colour()) for im in rgb]
         return self.image_processor(rgb, return_tensors="pt")["pixel_values"]
