@@ -1,4 +1,7 @@
-"""The two harnesses that time one row: llavakit's own training pieces and the HF Llava + Trainer peer."""
+"""The two harnesses that time one row: llavakit's own training pieces and the HF Llava + Trainer peer.
+
+The measuring helpers (`Meter`, `orders`, `weight_parts`, `flops_of`, `result_row`) are shared with TRL's
+harness in `throughput_trl.py`."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from throughput_workload import Row
+from throughput_workload import Row, image_names
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -51,19 +54,26 @@ class Meter:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _orders(n: int, batch: int, warmup: int, steps: int, seed: int = 0):
-    """(warm-up batches, timed batches) of sample indices: llavakit's shuffled order of epochs 1 and 0."""
+def longest_batch(stats: list[dict], batch: int) -> list[int]:
+    """The `batch` longest samples: the first warm-up step of every row when only some steps are timed, so
+    each row's peak memory includes the worst batch whichever batches its timed window holds."""
+    return sorted(range(len(stats)), key=lambda j: -stats[j]["tokens"])[:batch]
+
+
+def orders(n: int, batch: int, warmup: int, steps: int, seed: int = 0, first: list[int] | None = None):
+    """(warm-up batches, timed batches) of sample indices: llavakit's shuffled order of epochs 1 and 0;
+    `first` replaces the first warm-up batch."""
     import torch
 
     def perm(epoch):  # = train/loop.py's epoch_order without grouping
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
     cut = lambda order: [order[i:i + batch] for i in range(0, len(order), batch)]  # noqa: E731
-    timed = cut(perm(0))
-    return cut(perm(1))[:warmup], timed[:steps] if steps else timed
+    timed, warm = cut(perm(0)), cut(perm(1))[:warmup]
+    return ([first] + warm[1:] if first else warm), timed[:steps] if steps else timed
 
 
-def _flops(model_parts: dict, stage: int, cached: bool, tokens: int, answer: int, images: int) -> float:
+def flops_of(model_parts: dict, stage: int, cached: bool, tokens: int, answer: int, images: int) -> float:
     """Useful FLOPs of a window: 6N trained, 4N frozen-with-gradient, 2N per patch token (frozen tower)."""
     p = model_parts
     llm = 6 if stage == 2 else 4
@@ -74,18 +84,19 @@ def _flops(model_parts: dict, stage: int, cached: bool, tokens: int, answer: int
     return float(f)
 
 
-def _parts(vision: int, projector: int, llm_body: int, lm_head: int, vision_tokens: int, patch_tokens: int) -> dict:
-    """Weight counts for `_flops` (the LLM body without its input embeddings: a lookup is no matmul)."""
+def weight_parts(vision: int, projector: int, llm_body: int, lm_head: int, vision_tokens: int,
+                 patch_tokens: int) -> dict:
+    """Weight counts for `flops_of` (the LLM body without its input embeddings: a lookup is no matmul)."""
     return {"vision": vision, "projector": projector, "llm_body": llm_body, "lm_head": lm_head,
             "vision_tokens": vision_tokens, "patch_tokens": patch_tokens}
 
 
-def _n(module) -> int:
+def n_weights(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _result(row: Row, meter: Meter, base: float, samples: int, real: int, slots: int, flops: float,
-            peak_tflops: float, extra: dict) -> dict:
+def result_row(row: Row, meter: Meter, base: float, samples: int, real: int, slots: int, flops: float,
+               peak_tflops: float, extra: dict) -> dict:
     secs = meter.t1 - meter.t0
     out = {"row": row.name, "config": asdict(row), "steps_s": round(secs, 3), "samples": samples,
            "samples_per_s": samples / secs, "real_tokens_per_s": real / secs,
@@ -115,6 +126,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
                  "num_workers": row.workers, "max_length": 4096, "check_images": False},
         "train": {"stage": "finetune" if row.stage == 2 else "pretrain", "batch_size": args.batch,
                   "lr": 2e-5 if row.stage == 2 else 1e-3, "supervised_logits_only": row.sup,
+                  "loss_chunk_size": row.chunk, "gradient_checkpointing": row.ckpt,
                   "precision": args.precision, "report_to": "none", "output_dir": str(tmp / "run"),
                   "schedule": "constant", "warmup_ratio": 0.0, "seed": 0}})
     accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16"}[args.precision],
@@ -137,8 +149,8 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
         extra["cache_build_images_per_s"] = len(dataset) / extra["cache_build_s"]
     c, lm = model.config, model.language_model
     head, emb = lm.get_output_embeddings().weight.numel(), lm.get_input_embeddings().weight.numel()
-    parts = _parts(_n(model.vision_tower), _n(model.multi_modal_projector), _n(lm) - head - emb, head,
-                   c.vision_tokens, c.patch_grid**2 + c.vision_prefix_tokens)
+    parts = weight_parts(n_weights(model.vision_tower), n_weights(model.multi_modal_projector),
+                         n_weights(lm) - head - emb, head, c.vision_tokens, c.patch_grid**2 + c.vision_prefix_tokens)
     optimizer = make_optimizer(groups, 0.0)
     scheduler = get_scheduler("constant", optimizer)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -146,8 +158,10 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     warm = rank_batches(epoch_order(dataset, cfg, 1, args.batch), args.batch, 1, 0)[:args.warmup]
     timed = rank_batches(epoch_order(dataset, cfg, 0, args.batch), args.batch, 1, 0)
     timed = timed[:args.steps] if args.steps else timed
-    loader = make_loader(dataset, warm + timed, collator, cfg.data.num_workers)
     stats = json.loads((wd / "stats.json").read_text())[str(row.stage)]
+    if args.steps:
+        warm[0] = longest_batch(stats, args.batch)
+    loader = make_loader(dataset, warm + timed, collator, cfg.data.num_workers)
     meter = Meter(args.device)
     base = meter.current()
     samples = real = slots = 0
@@ -161,16 +175,16 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
             meter.start()
     meter.stop()
     done = [j for b in timed for j in b]
-    flops = _flops(parts, row.stage, row.cache, sum(stats[j]["tokens"] for j in done),
-                   sum(stats[j]["answer"] for j in done), sum(stats[j]["images"] for j in done))
+    flops = flops_of(parts, row.stage, row.cache, sum(stats[j]["tokens"] for j in done),
+                     sum(stats[j]["answer"] for j in done), sum(stats[j]["images"] for j in done))
     shutil.rmtree(tmp, ignore_errors=True)  # the run dir and a feature cache (GBs at the GPU shape)
-    return _result(row, meter, base, samples, real, slots, flops, args.peak_tflops, extra)
+    return result_row(row, meter, base, samples, real, slots, flops, args.peak_tflops, extra)
 
 
 def run_peer(row: Row, wd: Path, args) -> dict:
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainingArguments
 
     bf16 = args.precision == "bf16"
     hf = wd / f"hf_s{row.stage}"
@@ -185,7 +199,8 @@ def run_peer(row: Row, wd: Path, args) -> dict:
     rows = json.loads((wd / "data" / f"stage{row.stage}.json").read_text())
     images = wd / "data" / "images"
     stats = json.loads((wd / "stats.json").read_text())[str(row.stage)]
-    warm, timed = _orders(len(rows), args.batch, args.warmup, args.steps)
+    warm, timed = orders(len(rows), args.batch, args.warmup, args.steps,
+                         first=longest_batch(stats, args.batch) if args.steps else None)
     ordered = [rows[j] for b in warm + timed for j in b]
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     log: list[tuple[int, int]] = []
@@ -194,7 +209,7 @@ def run_peer(row: Row, wd: Path, args) -> dict:
         texts = [processor.apply_chat_template(
             [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
              for t in ex["conversations"]], tokenize=False) for ex in examples]
-        pics = [Image.open(images / ex["image"]).convert("RGB") for ex in examples]
+        pics = [Image.open(images / name).convert("RGB") for ex in examples for name in image_names(ex)]
         # The rendered text starts with <s> already: no second one from the tokenizer.
         batch = processor(text=texts, images=pics, padding=True, return_tensors="pt", add_special_tokens=False)
         labels = batch["input_ids"].clone()
@@ -205,14 +220,6 @@ def run_peer(row: Row, wd: Path, args) -> dict:
         return batch
 
     meter = Meter(args.device)
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == len(warm):
-                meter.start()
-            if state.global_step == len(warm) + len(timed):
-                meter.stop()
-
     out_dir = tempfile.mkdtemp(prefix="peer-bench-")
     targs = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=args.batch,
@@ -221,17 +228,39 @@ def run_peer(row: Row, wd: Path, args) -> dict:
         report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
         remove_unused_columns=False, train_sampling_strategy="sequential", use_cpu=args.device == "cpu",
         bf16=bf16, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=ordered, data_collator=collate, callbacks=[Timer()])
+    trainer = Trainer(model=model, args=targs, train_dataset=ordered, data_collator=collate,
+                      callbacks=[window_timer(meter, len(warm), len(timed))])
     base = meter.current()  # the model is on its device now, as llavakit's is after accelerator.prepare
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
-    window = log[len(warm):len(warm) + len(timed)]
-    c, vc = model.config, model.config.vision_config
+    return llava_result(row, model, meter, base, stats, timed, log[len(warm):len(warm) + len(timed)], args)
+
+
+def window_timer(meter: Meter, n_warm: int, n_timed: int):
+    """A `TrainerCallback` that starts `meter` at the end of the last warm-up step, stops it after the last step."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == n_warm:
+                meter.start()
+            if state.global_step == n_warm + n_timed:
+                meter.stop()
+
+    return Timer()
+
+
+def llava_result(row: Row, model, meter: Meter, base: float, stats: list[dict], timed: list[list[int]],
+                 window: list[tuple[int, int]], args) -> dict:
+    """The result of a row trained as a transformers `LlavaForConditionalGeneration` (the peer, TRL);
+    `window`: (real tokens, slots) of each timed batch."""
+    inner, c, vc = model.model, model.config, model.config.vision_config
     emb = inner.language_model.get_input_embeddings().weight.numel()
-    parts = _parts(_n(inner.vision_tower), _n(inner.multi_modal_projector), _n(inner.language_model) - emb,
-                   model.lm_head.weight.numel(), c.image_seq_length, (vc.image_size // vc.patch_size) ** 2 + 1)
+    parts = weight_parts(n_weights(inner.vision_tower), n_weights(inner.multi_modal_projector),
+                         n_weights(inner.language_model) - emb, model.lm_head.weight.numel(), c.image_seq_length,
+                         (vc.image_size // vc.patch_size) ** 2 + 1)
     done = [j for b in timed for j in b]
-    flops = _flops(parts, row.stage, False, sum(stats[j]["tokens"] for j in done),
-                   sum(stats[j]["answer"] for j in done), sum(stats[j]["images"] for j in done))
-    return _result(row, meter, base, len(done), sum(r for r, _ in window), sum(s for _, s in window), flops,
-                   args.peak_tflops, {})
+    flops = flops_of(parts, row.stage, False, sum(stats[j]["tokens"] for j in done),
+                     sum(stats[j]["answer"] for j in done), sum(stats[j]["images"] for j in done))
+    return result_row(row, meter, base, len(done), sum(r for r, _ in window), sum(s for _, s in window), flops,
+                      args.peak_tflops, {})

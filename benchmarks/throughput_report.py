@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from throughput_harness import run_llavakit, run_peer
+from throughput_trl import run_trl
 from throughput_workload import Row
 
 ENTRY = Path(__file__).resolve().with_name("train_throughput.py")  # what a row's fresh process runs
@@ -24,7 +25,7 @@ def run_row(row: Row, wd: Path, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    return (run_peer if row.system == "peer" else run_llavakit)(row, wd, args)
+    return {"peer": run_peer, "trl": run_trl, "llavakit": run_llavakit}[row.system](row, wd, args)
 
 
 def run_isolated(row: Row, wd: Path, args) -> dict:
@@ -41,17 +42,20 @@ def run_isolated(row: Row, wd: Path, args) -> dict:
 
 
 # --- the report -----------------------------------------------------------------------------------
-def format_table(rows: list[dict], peer: dict | None, mfu: bool) -> str:
+def format_table(rows: list[dict], peer: dict | None, mfu: bool, trl: dict | None = None) -> str:
+    """The table; with a TRL row, "× TRL" (real tokens/s) and "mem × TRL" (peak memory) against it."""
     head = ["configuration", "samples/s", "real tok/s", "pad %", "peak MiB", "Δ MiB"] + (["MFU %"] if mfu else []) \
-        + ["× peer", "worst/best run"]
+        + ["× peer"] + (["× TRL", "mem × TRL"] if trl else []) + ["worst/best run"]
+    ratio = lambda r, ref, key: r[key] / ref[key] if ref else float("nan")  # noqa: E731
     lines = []
     for r in rows:
-        ratio = r["real_tokens_per_s"] / peer["real_tokens_per_s"] if peer else float("nan")
         cells = [r["row"], f"{r['samples_per_s']:.2f}", f"{r['real_tokens_per_s']:,.0f}",
                  f"{100 * r['padding_fraction']:.1f}", f"{r['peak_mem_mib']:,.0f}", f"{r['delta_mem_mib']:,.0f}"]
         cells += [f"{100 * r['mfu']:.1f}"] if mfu else []
+        cells += [f"{ratio(r, peer, 'real_tokens_per_s'):.2f}"]
+        cells += [f"{ratio(r, trl, 'real_tokens_per_s'):.2f}", f"{ratio(r, trl, 'peak_mem_mib'):.2f}"] if trl else []
         spread = r.get("runs_real_tokens_per_s") or [r["real_tokens_per_s"]]
-        cells += [f"{ratio:.2f}", f"{min(spread) / max(spread):.2f}"]
+        cells += [f"{min(spread) / max(spread):.2f}"]
         lines.append(cells)
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(  # noqa: E731
@@ -78,11 +82,23 @@ def summarise(report: dict) -> None:
             mfu = f", MFU {100 * best['mfu']:.1f}%" if report["device"] == "cuda" else ""
             print(f"\nllavakit best (stage 2): {best['row'].strip()} -> {best['ratio_vs_peer']:.2f}x the peer's "
                   f"real tokens/s{mfu}")
+        trl = trl_reference(report["stage2"])
+        if trl is not None:  # the best llavakit row against TRL as it ships (the first TRL row: its defaults)
+            report["trl_row"] = trl["row"]
+            report["ratio_vs_trl"] = best["real_tokens_per_s"] / trl["real_tokens_per_s"]
+            report["memory_ratio_vs_trl"] = best["peak_mem_mib"] / trl["peak_mem_mib"]
+            print(f"against {trl['row']}: {report['ratio_vs_trl']:.2f}x its real tokens/s (target >= 2.0), "
+                  f"{report['memory_ratio_vs_trl']:.2f}x its peak memory (target <= 0.5)")
     s1 = {r["config"]["cache"]: r for r in report.get("stage1", []) if r["config"]["system"] == "llavakit"}
     if True in s1 and False in s1:
         report["stage1_cache_speedup"] = s1[True]["samples_per_s"] / s1[False]["samples_per_s"]
         print(f"stage 1 feature cache: {report['stage1_cache_speedup']:.2f}x samples/s once built "
               f"(build: {s1[True]['cache_build_s']:.1f} s for {s1[True]['samples']} images)")
+
+
+def trl_reference(rows: list[dict]) -> dict | None:
+    """The TRL row the ratios are taken against: the first one run (TRL's defaults), None without one."""
+    return next((r for r in rows if r["config"]["system"] == "trl"), None)
 
 
 def machine_name(args) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,7 +30,9 @@ def _run(tmp_path, *extra) -> tuple[dict, str]:
 def test_every_row_of_both_stages_runs_beside_the_peer(tmp_path):
     report, stdout = _run(tmp_path, "--inline")  # one process: fast; memory is not isolated per row
     s2, s1 = report["stage2"], report["stage1"]
-    assert len(s2) == 8 and len(s1) == 3
+    has_trl = importlib.util.find_spec("trl") is not None  # its two rows are left out without it
+    assert len(s2) == (13 if has_trl else 11) and len(s1) == 3
+    assert ("trl is not installed" in stdout) == (not has_trl)
     for r in s2 + s1:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["samples_per_s"] > 0 and r["real_tokens_per_s"] > 0 and 0 <= r["padding_fraction"] < 1
@@ -46,6 +49,33 @@ def test_every_row_of_both_stages_runs_beside_the_peer(tmp_path):
     assert report["best"] == best["row"] and report["ratio_vs_peer"] == pytest.approx(best["ratio_vs_peer"])
     assert s1[2]["config"]["cache"] and s1[2]["cache_build_s"] > 0 and report["stage1_cache_speedup"] > 0
     assert "× peer" in stdout and "llavakit best (stage 2)" in stdout
+    chunked = [r for r in s2 if r["config"]["chunk"]]
+    assert len(chunked) == 3 and all(r["config"]["sup"] for r in chunked)
+    assert per_sample(chunked[0]) == pytest.approx(per_sample(baseline), rel=1e-6)  # same samples, same tokens
+
+
+def test_trl_row_runs_beside_the_peer_and_llavakit(tmp_path):
+    """TRL's SFTTrainer at the micro shape (seconds): same samples and real tokens as the peer, its own VLM
+    collator, and the JSON's ratios against it."""
+    trl = pytest.importorskip("trl", reason="the TRL rows need trl: pip install 'llavakit[bench]'")
+    # rows 1 (peer), 10 (llavakit's grouping + sup-only + chunked loss + workers), 12 and 13 (TRL with and without
+    # gradient checkpointing); micro samples have one or two images
+    report, stdout = _run(tmp_path, "--inline", "--stages", "2", "--rows", "1,10,12,13")
+    peer, ours, trl_default, trl_plain = report["stage2"]
+    assert [r["config"]["system"] for r in report["stage2"]] == ["peer", "llavakit", "trl", "trl"]
+    assert trl_default["config"]["ckpt"] and not trl_plain["config"]["ckpt"]
+    assert report["trl_version"] == trl.__version__ and report["trl_row"] == trl_default["row"]
+    for r in (trl_default, trl_plain):
+        assert r["collator"] == "DataCollatorForVisionLanguageModeling"
+        assert r["samples"] == peer["samples"] == 16
+        assert r["padding_fraction"] == pytest.approx(peer["padding_fraction"])
+        # TRL renders the conversations through the same exported chat template: the same real tokens per sample
+        assert r["real_tokens_per_s"] / r["samples_per_s"] == pytest.approx(
+            peer["real_tokens_per_s"] / peer["samples_per_s"], rel=1e-6)
+    assert report["ratio_vs_trl"] == pytest.approx(ours["real_tokens_per_s"] / trl_default["real_tokens_per_s"])
+    assert report["memory_ratio_vs_trl"] == pytest.approx(ours["peak_mem_mib"] / trl_default["peak_mem_mib"])
+    assert trl_default["ratio_vs_trl"] == pytest.approx(1.0)
+    assert "× TRL" in stdout and "mem × TRL" in stdout and "target >= 2.0" in stdout
 
 
 @pytest.mark.slow
