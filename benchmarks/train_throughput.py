@@ -83,8 +83,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default="", help="comma-separated row numbers per table, in the order of "
                    "throughput_workload.stage2_rows / stage1_rows (1 = peer), default all")
     p.add_argument("--steps", type=int, default=-1, help="timed steps (default: the shape's; 0 = one full epoch; "
-                   "one epoch except at the real shape, which times 4)")
-    p.add_argument("--warmup", type=int, default=2)
+                   "one epoch except at the real shape, which times 2)")
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: the shape's, 2; real: 1)")
     p.add_argument("--repeats", type=int, default=3, help="runs per row, round robin; the best one is reported")
     p.add_argument("--batch", type=int, default=0, help="default: the shape's (8)")
     p.add_argument("--workers", type=int, default=-1, help="dataloader workers in the 'workers' rows "
@@ -107,6 +107,7 @@ def main(argv=None) -> dict:
     args.workers = shape["workers"] if args.workers < 0 else args.workers
     args.precision = args.precision or shape["precision"]
     args.stages = args.stages or shape.get("stages", "2,1")
+    args.warmup = shape.get("warmup", 2) if args.warmup < 0 else args.warmup
     args.steps = shape.get("steps", 0) if args.steps < 0 else args.steps
     if "1" in args.stages.split(",") and "1" not in shape.get("stages", "2,1").split(","):
         p.error(f"--shape {args.shape} has no stage-1 workload: use --stages 2")
@@ -152,8 +153,12 @@ def main(argv=None) -> dict:
         for rep in range(args.repeats):  # round robin, so a noisy minute hits one run of a row, not all
             for r, got in zip(rows, runs):
                 print(f"[stage {stage}, run {rep + 1}/{args.repeats}] {r.name.strip()} ...", flush=True)
-                got.append(run_row(r, wd, args) if args.inline else run_isolated(r, wd, args))
-        results = [best_of(got) for got in runs]
+                try:
+                    got.append(run_row(r, wd, args) if args.inline else run_isolated(r, wd, args))
+                except RuntimeError as e:  # e.g. out of memory: the other rows still count
+                    print(f"  FAILED: {str(e)[-2000:]}", flush=True)
+                    report.setdefault("failed_rows", []).append(r.name.strip())
+        results = [best_of(got) for got in runs if got]
         peer = next((r for r in results if r["config"]["system"] == "peer"), None)
         trl = trl_reference(results)
         for r in results:
