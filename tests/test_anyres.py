@@ -281,6 +281,13 @@ def test_three_training_steps_with_images_of_different_sizes(tiny_dirs, tmp_path
                                                 for w, h in sizes[:2])
     supervised = item["labels"][item["labels"] != -100]
     assert processor.tokenizer.decode(supervised).strip().startswith("shape number 3")
-    with torch.no_grad():
-        assert torch.isfinite(model(**{k: v.unsqueeze(0) if k in ("input_ids", "labels") else v
-                                       for k, v in item.items()}).loss)
+    from llavakit.data.collate import PackingCollator, PadCollator
+
+    ds = SupervisedDataset([conv, Conversation([Turn("user", "<image>\nAnd this?"), Turn("assistant", "a bar")],
+                                               images=paths[3:], index=1)], processor, "vicuna_v1")
+    for collator in (PadCollator(processor.tokenizer.pad_token_id), PackingCollator()):
+        batch = collator([ds[0], ds[1]])  # 2 + 1 images of three sizes: their tiles concatenated
+        assert batch["pixel_values"].shape[0] == sum(num_tiles(w, h, processor.image_grid_pinpoints, TILE)
+                                                     for w, h in sizes[:2] + sizes[3:])
+        with torch.no_grad():
+            assert torch.isfinite(model(**batch).loss)

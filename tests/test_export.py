@@ -410,3 +410,20 @@ def test_cli_names_what_it_looked_for(tmp_path, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")  # a LoRA run
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "merge-lora" in capsys.readouterr().err
+
+
+def test_cli_exports_an_anyres_model_as_llava_next(tiny_dirs, tmp_path, capsys):
+    """`llavakit export` (default --format hf-llava) of an image_tokens: anyres model writes the LLaVA-NeXT layout,
+    which transformers opens with nothing missing; parity is tests/test_anyres.py's."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    model, processor = llavakit.build(tiny_dirs["clip"], tiny_dirs["llama"], image_tokens="anyres")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "llava_next" and cfg["image_grid_pinpoints"] == model.config.image_grid_pinpoints
+    _, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "gguf"), "--format", "gguf"]) == 2
+    assert "anyres" in capsys.readouterr().err
