@@ -145,9 +145,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def processor_fingerprint(processor) -> dict:
-    """The processor's image-token policy and tokenization mode (what `encode` is given)."""
-    return {k: getattr(processor, k, None) for k in ("image_tokens", "image_seq_length", "image_aspect",
-                                                      "tokenization", "image_token", "image_token_id")}
+    """The processor's settings (image-token policy, tokenization mode, ...) and its image processor's config:
+    every plain attribute, so a setting added later is part of the key without a change here."""
+    plain = (str, int, float, bool, type(None), list, tuple, dict)
+    out = {k: v for k, v in sorted(vars(processor).items()) if isinstance(v, plain) and not k.startswith("_")}
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and hasattr(image_processor, "to_dict"):
+        out["image_processor"] = image_processor.to_dict()
+    return out
 
 
 def template_fingerprint(template) -> dict:

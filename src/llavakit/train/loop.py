@@ -34,7 +34,7 @@ from .step import (NonFiniteError, StepResult, check_finite_weights, make_optimi
                    supervised_count)
 from .batches import epoch_order, make_collator, make_loader, prepare_data, rank_batches
 
-__all__ = ["train", "prepare_data", "epoch_order", "rank_batches", "make_loader", "make_optimizer", "make_collator",
+__all__ = ["train", "prepare_data", "prepare_data_once", "epoch_order", "rank_batches", "make_loader", "make_optimizer", "make_collator",
            "optimizer_step", "save_final", "supervised_count", "read_losses", "plot_losses", "LOSS_LOG",
            "NonFiniteError", "StepResult"]
 log = logging.getLogger(__name__)
@@ -157,6 +157,19 @@ def _on_main(accelerator, fn) -> None:
         raise err
 
 
+def prepare_data_once(cfg: RunConfig, processor, accelerator, say, run_dir: Path):
+    """`prepare_data` on every process, the work done once: with the start-up cache on and several
+    processes, the main process reads, checks and tokenizes the data and writes the cache while the
+    others wait, then they read it. An error on the main process (bad rows, unreadable file) stops
+    every process with its message: no rank is left waiting."""
+    main = accelerator.is_main_process
+    if not cfg.data.cache or accelerator.num_processes == 1:
+        return prepare_data(cfg, processor, say, run_dir if main else None)
+    built = {}
+    _on_main(accelerator, lambda: built.setdefault("dataset", prepare_data(cfg, processor, say, run_dir)))
+    return built["dataset"] if main else prepare_data(cfg, processor, say, None)
+
+
 def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say) -> None:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -167,14 +180,7 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
 
     model, processor = assemble(cfg)
     processor.template = cfg.data.template
-    if cfg.data.cache and accelerator.num_processes > 1:
-        # The main process reads, checks and tokenizes the data and writes the start-up cache; the others wait,
-        # then read that cache (an error there stops every process with its message: no rank left waiting).
-        built = {}
-        _on_main(accelerator, lambda: built.setdefault("dataset", prepare_data(cfg, processor, say, run_dir)))
-        dataset = built["dataset"] if main else prepare_data(cfg, processor, say, None)
-    else:
-        dataset = prepare_data(cfg, processor, say, run_dir if main else None)
+    dataset = prepare_data_once(cfg, processor, accelerator, say, run_dir)
     fingerprint = data_fingerprint(dataset)
     if resume:
         check_resume_data(run_dir, cfg, fingerprint, say)
