@@ -181,6 +181,9 @@ def test_export_loads_in_llava_next_with_same_ids_pixels_and_logits(policy_model
         with torch.no_grad():
             ref = model(**ours).logits
             got = hf(**theirs).logits
+            if k == 0:  # llavakit also takes transformers' [N_img, max_tiles, 3, H, W] pixels (with its own sizes)
+                torch.testing.assert_close(model(input_ids=ours["input_ids"], pixel_values=theirs["pixel_values"],
+                                                 image_sizes=ours["image_sizes"]).logits, ref, atol=0, rtol=0)
         worst = max(worst, (got - ref).abs().max().item())
     print(f"anyres export, pinpoints {pins}: max |dlogit| = {worst:.3g}")
     assert worst <= 1e-4

@@ -421,6 +421,7 @@ def test_cli_exports_an_anyres_model_as_llava_next(tiny_dirs, tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     assert main(["export", str(tmp_path / "model"), str(tmp_path / "hf")]) == 0
+    assert "wrote hf-llava-next checkpoint" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "llava_next" and cfg["image_grid_pinpoints"] == model.config.image_grid_pinpoints
     _, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)

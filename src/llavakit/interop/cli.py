@@ -47,5 +47,8 @@ def run(args) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"llavakit export: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.format} checkpoint to {out}")
+    from . import checkpoint_format
+
+    written = args.format if args.format == "gguf" else checkpoint_format(out)  # an anyres model: hf-llava-next
+    print(f"wrote {written} checkpoint to {out}")
     return 0

@@ -101,7 +101,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
 
     def select_image_features(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None):
         """[N_img, T, D] -> the features each image keeps under the token policy, as a list of [T_i, D]
-        (``base``: all T; ``unpad``: the feature-grid rows/columns over the image, not its padding)."""
+        (``base``: all T; ``unpad``: the feature-grid rows/columns over the image, not its padding; ``anyres``:
+        `image_features` holds every tile, see `anyres_image_features`)."""
         if self.config.image_tokens == "base":
             return list(image_features)
         from .processor import feature_grid, unpadded_box
