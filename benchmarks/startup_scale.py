@@ -14,8 +14,9 @@ For each N, in fresh subprocesses:
   (RSS after minus before, the model already loaded).
 
 "first step s" is the time from starting the process to the first line of ``losses.jsonl`` (written
-when step 1 is done); "peak RSS" the process's ``ru_maxrss``; "dataset MB" the peak RSS minus the
-peak RSS of the same run on 200 samples (the model, torch and Python are the rest).
+when step 1 is done); "CPU s" the CPU time of the process and its tokenizing workers (on a busy
+machine it says more than the wall clock); "peak RSS" the process's ``ru_maxrss``; "dataset MB" the
+peak RSS minus the peak RSS of the warm run on 200 samples (the model, torch and Python are the rest).
 
     .venv/bin/python benchmarks/startup_scale.py --n 20000 200000 1000000 --json startup.json
     .venv/bin/python benchmarks/startup_scale.py --n 200 --json /tmp/s.json      # seconds (the smoke test)
@@ -121,14 +122,15 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """(seconds, exit status, peak RSS in bytes) of one subprocess; its output goes to `log`."""
+def run_child(cmd: list[str], log: Path) -> tuple[float, int, int, float]:
+    """(start time, exit status, peak RSS in bytes, CPU seconds with its worker processes) of one
+    subprocess; its output goes to `log`."""
     start = time.time()
     with log.open("w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
-    return start, p.returncode, usage.ru_maxrss * 1024
+    return start, p.returncode, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def time_train(root: Path, comp: dict, data: Path, images: Path, cache: Path, tag: str) -> dict:
@@ -138,13 +140,14 @@ def time_train(root: Path, comp: dict, data: Path, images: Path, cache: Path, ta
     cfg = write_config(root, comp, data, images, out, cache)
     log = root / "runs" / f"{tag}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    start, rc, peak = run_child([sys.executable, "-m", "llavakit.cli", "train", str(cfg)], log)
+    start, rc, peak, cpu = run_child([sys.executable, "-m", "llavakit.cli", "train", str(cfg)], log)
     losses = out / "losses.jsonl"
     if rc != 0 or not losses.is_file():
         raise SystemExit(f"{tag}: `llavakit train` failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
     text = log.read_text()
+    note = next((line for line in text.splitlines() if line.startswith("start-up cache:")), "")
     return {"first_step_s": round(losses.stat().st_mtime - start, 2), "peak_rss_mb": round(peak / 2**20, 1),
-            "cache_hit": "start-up cache: hit" in text, "log": str(log)}
+            "cpu_s": round(cpu, 1), "cache_hit": "start-up cache: hit" in text, "cache_note": note, "log": str(log)}
 
 
 PROBE = r"""
@@ -194,15 +197,15 @@ def measure(root: Path, n: int, comp: dict, images: Path, baseline_mb: float | N
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'samples':>9} {'data MB':>8} {'cold first step s':>18} {'warm first step s':>18} "
-            f"{'cold peak RSS MB':>17} {'warm peak RSS MB':>17} {'cold dataset MB':>16} {'warm dataset MB':>16} "
-            f"{'held (probe) MB':>16} {'cache MB':>9}")
-    lines = [head]
-    for r in rows:
-        c, w = r["cold"], r["warm"]
-        lines.append(f"{r['n']:>9,} {r['data_mb']:>8} {c['first_step_s']:>18} {w['first_step_s']:>18} "
-                     f"{c['peak_rss_mb']:>17} {w['peak_rss_mb']:>17} {c.get('dataset_mb', '-'):>16} "
-                     f"{w.get('dataset_mb', '-'):>16} {r['probe_warm']['dataset_rss_mb']:>16} {r['cache_mb']:>9}")
+    cols = [("samples", lambda r: f"{r['n']:,}"), ("data MB", lambda r: r["data_mb"]),
+            ("cold first step s", lambda r: r["cold"]["first_step_s"]), ("cold CPU s", lambda r: r["cold"]["cpu_s"]),
+            ("warm first step s", lambda r: r["warm"]["first_step_s"]), ("warm CPU s", lambda r: r["warm"]["cpu_s"]),
+            ("cold peak RSS MB", lambda r: r["cold"]["peak_rss_mb"]), ("warm peak RSS MB", lambda r: r["warm"]["peak_rss_mb"]),
+            ("cold dataset MB", lambda r: r["cold"].get("dataset_mb", "-")),
+            ("warm dataset MB", lambda r: r["warm"].get("dataset_mb", "-")),
+            ("held (probe) MB", lambda r: r["probe_warm"]["dataset_rss_mb"]), ("cache MB", lambda r: r["cache_mb"])]
+    lines = ["| " + " | ".join(name for name, _ in cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(str(get(r)) for _, get in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
         comp = write_components(root)
         images = write_images(root)
         base = measure(root, BASELINE_N, comp, images, None)
-        baseline_mb = base["cold"]["peak_rss_mb"]
+        baseline_mb = base["warm"]["peak_rss_mb"]  # model, torch and Python, with a 200-sample dataset
         rows = [measure(root, n, comp, images, baseline_mb) if n != BASELINE_N else base for n in args.n]
         for r in rows:
             for k in ("cold", "warm"):

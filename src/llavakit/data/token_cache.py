@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,20 +322,26 @@ def prepare(train: Any, processor, template, *, image_folder: str | None = None,
             hit = cache.load(processor, template, limits, say)
             if hit is not None:
                 return hit
+    clock = [time.perf_counter()]
     mixture = load_mixture(train, image_folder, format, seed=seed)
     convs = mixture.conversations
+    clock.append(time.perf_counter())
     problems = validate((convs, mixture.problems), check_images=check_images, **limits.as_kwargs())
     bad = {p.index for p in problems if p.severity == "error"}
+    clock.append(time.perf_counter())
     dataset = SupervisedDataset([c for c in convs if c.index not in bad], processor, template, max_length=max_length,
                                 overflow=overflow, image_limits=limits, workers=workers)
+    clock.append(time.perf_counter())
+    took = ", ".join(f"{what} {b - a:.1f} s" for what, a, b in zip(("read", "checks", "tokenization"), clock, clock[1:]))
     paths = image_paths(convs)
-    prepared = Prepared(dataset, problems, mixture.table(problems) if mixture.is_mixture else None, paths or [], note)
+    prepared = Prepared(dataset, problems, mixture.table(problems) if mixture.is_mixture else None, paths or [],
+                        f"{note} ({took})")
     if cache is not None:
         if paths is None or not dataset.store.cacheable:
             prepared.cache_note = "start-up cache: off (some images are not file paths)"
         elif cache.save(prepared, say):
             del convs, mixture, dataset  # the arrays now live in the file: map them and drop the copies
             prepared = cache.reopen(prepared, processor, template, limits)
-            prepared.cache_note = f"start-up cache: wrote {cache.path}"
+            prepared.cache_note = f"start-up cache: wrote {cache.path} ({took})"
         say(prepared.cache_note)
     return prepared
