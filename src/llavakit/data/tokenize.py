@@ -172,6 +172,18 @@ def added_special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return out
 
 
+def text_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=...)["input_ids"]``. A fast tokenizer is asked directly
+    (``backend_tokenizer.encode_batch``) when the wrapper would change nothing — no truncation or padding
+    set on the backend, special tokens split as the wrapper's default — : the same ids, without the
+    wrapper's per-call cost (a third of the tokenization time of a large dataset)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
 def tokenize_as_text_start(text: str, tokenizer, keep_prefix: bool = True) -> list[int]:
     """`text` tokenized as a text of its own, with the tokenizer's own special-token handling.
 
@@ -181,7 +193,7 @@ def tokenize_as_text_start(text: str, tokenizer, keep_prefix: bool = True) -> li
     bos = tokenizer.bos_token
     if prefix and bos and text.startswith(bos):
         text = text[len(bos):]
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(text_ids(tokenizer, [text], add_special_tokens=True)[0])
     if prefix and ids[:len(prefix)] == prefix and not keep_prefix:
         ids = ids[len(prefix):]
     if suffix and ids[len(ids) - len(suffix):] == suffix:
@@ -236,7 +248,7 @@ def tokenize_segments(segments, tokenizer, image_token_id: int, image_tokens: in
         lead = anchor is not None and k > 0
         texts.append(anchor[0] + part if lead else part)
         where.append((k, lead))
-    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    tokenized = text_ids(tokenizer, texts, add_special_tokens=False) if texts else []
     for (k, lead), ids in zip(where, tokenized):
         if lead:
             if not ids or ids[0] != anchor[1]:
