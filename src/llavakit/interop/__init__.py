@@ -2,12 +2,14 @@
 
     export(src, out, format="hf-llava")      a llavakit model dir (or run dir) -> llava-hf folder
                                              (an image_tokens: anyres model -> the llava-next layout,
-                                              format="hf-llava-next")
+                                              format="hf-llava-next"; an anyres_max one -> llava-onevision,
+                                              format="hf-llava-onevision")
     export(src, out, format="gguf", dtype="f16")   -> model-f16.gguf + mmproj-f16.gguf + Modelfile (llama.cpp)
     open_checkpoint(path) -> (model, processor)
         llavakit folder              -> llavakit.model.build.load_saved
         llava-hf folder / hub id     -> import_hf_llava        (architectures: LlavaForConditionalGeneration)
         llava-next folder / hub id   -> import_hf_llava_next   (architectures: LlavaNextForConditionalGeneration)
+        onevision folder / hub id    -> import_hf_llava_onevision (LlavaOnevisionForConditionalGeneration)
         original LLaVA checkpoint    -> import_original_llava  (architectures: LlavaLlamaForCausalLM, ...;
                                                                   a pretrain run: model_type llava_llama, ...)
 
@@ -22,18 +24,22 @@ from pathlib import Path
 from ..model.build import load_saved
 from .gguf import export_gguf
 from .hf_llava import export_hf_llava
-from .hf_llava_import import import_hf_llava, import_hf_llava_next
+from .hf_llava_import import import_hf_llava, import_hf_llava_next, import_hf_llava_onevision
 from .hf_llava_next import export_hf_llava_next
+from .hf_llava_onevision import export_hf_llava_onevision
 from .original_llava import ORIGINAL_ARCHITECTURES, ORIGINAL_MODEL_TYPES, import_original_llava
 
 # export format -> writer(model, processor, out, **options)
-EXPORT_FORMATS = {"hf-llava": export_hf_llava, "hf-llava-next": export_hf_llava_next, "gguf": export_gguf}
+EXPORT_FORMATS = {"hf-llava": export_hf_llava, "hf-llava-next": export_hf_llava_next,
+                  "hf-llava-onevision": export_hf_llava_onevision, "gguf": export_gguf}
 
-# image_tokens policy -> the export formats whose readers count image tokens that way
-POLICY_FORMATS = {"base": ("hf-llava", "gguf"), "unpad": (), "anyres": ("hf-llava-next",)}
+# image_tokens policy -> the export formats whose readers count image tokens that way (the first: the default)
+POLICY_FORMATS = {"base": ("hf-llava", "gguf"), "unpad": (), "anyres": ("hf-llava-next",),
+                  "anyres_max": ("hf-llava-onevision",)}
 
 # config.json "architectures"[0] -> checkpoint format (llavakit itself is recognised by model_type)
 ARCHITECTURE_FORMATS = {"LlavaForConditionalGeneration": "hf-llava", "LlavaNextForConditionalGeneration": "hf-llava-next",
+                        "LlavaOnevisionForConditionalGeneration": "hf-llava-onevision",
                         **{arch: "original-llava" for arch in ORIGINAL_ARCHITECTURES}}
 
 # keyword arguments that say where a checkpoint comes from (passed to config.json's lookup as well)
@@ -41,7 +47,8 @@ HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder"
                "force_download")
 
 __all__ = ["EXPORT_FORMATS", "checkpoint_format", "export", "export_gguf", "export_hf_llava", "export_hf_llava_next",
-           "import_hf_llava", "import_hf_llava_next", "import_original_llava", "open_checkpoint", "resolve_model_dir"]
+           "export_hf_llava_onevision", "import_hf_llava", "import_hf_llava_next", "import_hf_llava_onevision",
+           "import_original_llava", "open_checkpoint", "resolve_model_dir"]
 
 
 def _config_dict(path: str | Path, **hub_kwargs) -> dict:
@@ -62,7 +69,8 @@ def _config_dict(path: str | Path, **hub_kwargs) -> dict:
 
 
 def checkpoint_format(path: str | Path, **hub_kwargs) -> str:
-    """'llavakit', 'hf-llava', 'hf-llava-next' or 'original-llava', from config.json's model_type / architectures."""
+    """'llavakit', 'hf-llava', 'hf-llava-next', 'hf-llava-onevision' or 'original-llava', from config.json's
+    model_type / architectures."""
     cfg = _config_dict(path, **hub_kwargs)
     if cfg.get("model_type") == "llavakit":
         return "llavakit"
@@ -89,7 +97,7 @@ def open_checkpoint(path: str | Path, dtype=None, device_map=None, attn_implemen
     hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
     fmt = checkpoint_format(path, **hub)
     opener = {"llavakit": load_saved, "hf-llava": import_hf_llava, "hf-llava-next": import_hf_llava_next,
-              "original-llava": import_original_llava}[fmt]
+              "hf-llava-onevision": import_hf_llava_onevision, "original-llava": import_original_llava}[fmt]
     return opener(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, **kwargs)
 
 
@@ -118,7 +126,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 def export(src, out: str | Path, format: str = "hf-llava", **options) -> Path:
     """Export `src` — a llavakit model folder, a run folder (uses `RUN/model`) or a (model, processor)
     pair — to `out` in `format`. ``hf-llava`` (the default) of an ``image_tokens: anyres`` model writes the
-    LLaVA-NeXT layout (``hf-llava-next``), the llava-hf format that counts image tokens that way."""
+    LLaVA-NeXT layout (``hf-llava-next``), of an ``anyres_max`` one LLaVA-OneVision's (``hf-llava-onevision``):
+    the llava-hf format that counts image tokens that way."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
     if isinstance(src, (tuple, list)):
@@ -126,8 +135,8 @@ def export(src, out: str | Path, format: str = "hf-llava", **options) -> Path:
     else:
         model, processor = load_saved(resolve_model_dir(src))
     policy = getattr(model.config, "image_tokens", "base")
-    if policy == "anyres" and format == "hf-llava":
-        format = "hf-llava-next"
+    if format == "hf-llava" and policy in ("anyres", "anyres_max"):
+        format = POLICY_FORMATS[policy][0]
     if format not in POLICY_FORMATS.get(policy, ()):  # checked before anything is written
         fits = POLICY_FORMATS.get(policy) or ("none",)
         raise ValueError(f"the model uses image_tokens={policy!r}, which the {format} layout cannot express (its "

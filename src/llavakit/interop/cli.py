@@ -1,5 +1,6 @@
-"""`llavakit export RUN_OR_MODEL_DIR OUT --format hf-llava|hf-llava-next|gguf`: write a checkpoint other tools
-load unchanged. An ``image_tokens: anyres`` model exported as hf-llava is written as hf-llava-next (LLaVA-NeXT).
+"""`llavakit export RUN_OR_MODEL_DIR OUT --format hf-llava|hf-llava-next|hf-llava-onevision|gguf`: write a
+checkpoint other tools load unchanged. An ``image_tokens: anyres`` model exported as hf-llava is written as
+hf-llava-next (LLaVA-NeXT), an ``anyres_max`` one as hf-llava-onevision (LLaVA-OneVision).
 
 `--format gguf` writes model-<dtype>.gguf + mmproj-<dtype>.gguf + an Ollama Modelfile for llama.cpp
 (`--dtype f32|f16|q8_0`, default f16; see docs/gguf.md).
@@ -25,8 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("out", metavar="OUT", help="folder to write (must be new or empty, see --overwrite)")
     parser.add_argument("--format", default="hf-llava", choices=sorted(EXPORT_FORMATS),
                         help="hf-llava: transformers' LlavaForConditionalGeneration / vLLM (default; an anyres "
-                             "model is written as hf-llava-next); hf-llava-next: LlavaNextForConditionalGeneration; "
-                             "gguf: llama.cpp / Ollama (text model + mmproj)")
+                             "model is written as hf-llava-next, an anyres_max one as hf-llava-onevision); "
+                             "hf-llava-next: LlavaNextForConditionalGeneration; hf-llava-onevision: "
+                             "LlavaOnevisionForConditionalGeneration; gguf: llama.cpp / Ollama (text model + mmproj)")
     parser.add_argument("--dtype", default=None, choices=[*HF_DTYPES, *GGUF_ONLY_DTYPES],
                         help="hf-llava: cast the weights to float32/float16/bfloat16 (default: keep the saved "
                              "dtype); gguf: f32, f16 (default) or q8_0")
@@ -49,6 +51,6 @@ def run(args) -> int:
         return 2
     from . import checkpoint_format
 
-    written = args.format if args.format == "gguf" else checkpoint_format(out)  # an anyres model: hf-llava-next
+    written = args.format if args.format == "gguf" else checkpoint_format(out)  # anyres: hf-llava-next, ...
     print(f"wrote {written} checkpoint to {out}")
     return 0

@@ -1,20 +1,24 @@
-"""Open a llava-hf checkpoint (`LlavaForConditionalGeneration`, or LLaVA-NeXT's
-`LlavaNextForConditionalGeneration` as an ``image_tokens: anyres`` model) as a llavakit model, so training
-can start from it: transformers' own loader reads the weights, and its modules move into a llavakit model.
+"""Open a llava-hf checkpoint (`LlavaForConditionalGeneration`, LLaVA-NeXT's `LlavaNextForConditionalGeneration`
+as an ``image_tokens: anyres`` model, or LLaVA-OneVision's `LlavaOnevisionForConditionalGeneration` as an
+``anyres_max`` one) as a llavakit model, so training can start from it: transformers' own loader reads the
+weights, and its modules move into a llavakit model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration,
-                          LlavaNextForConditionalGeneration)
+                          LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
 
 from ..model.anyres import check_grid_pinpoints
 from ..model.assemble import assemble, check_loading, count_prefix_tokens
 from ..model.config import parse_dtype
+from ..model.onevision import parse_vision_aspect_ratio
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,39 @@ def import_hf_llava_next(path: str | Path, dtype: torch.dtype | str | None = Non
     return _import(LlavaNextForConditionalGeneration, path, dtype, device_map, attn_implementation, hub_kwargs)
 
 
+def import_hf_llava_onevision(path: str | Path, dtype: torch.dtype | str | None = None, device_map=None,
+                              attn_implementation: str | None = None, **hub_kwargs):
+    """Open a llava-hf LLaVA-OneVision checkpoint (`LlavaOnevisionForConditionalGeneration`) as an ``image_tokens:
+    anyres_max`` llavakit (model, processor) pair: its pinpoints, its ``vision_aspect_ratio`` "anyres_max_N" as
+    ``anyres_max_tiles`` N, its ``image_newline``. Only images are read: video needs a llavakit video policy."""
+    return _import(LlavaOnevisionForConditionalGeneration, path, dtype, device_map, attn_implementation, hub_kwargs)
+
+
+# transformers class -> llavakit image_tokens policy
+POLICIES = {LlavaForConditionalGeneration: "base", LlavaNextForConditionalGeneration: "anyres",
+            LlavaOnevisionForConditionalGeneration: "anyres_max"}
+
+
+def onevision_processor_parts(path, hub_kwargs: dict) -> SimpleNamespace:
+    """A OneVision folder's tokenizer, image processor and processor_config.json fields (image_token,
+    vision_aspect_ratio, chat_template), read one by one: transformers builds a `LlavaOnevisionProcessor` only
+    with its video processor, which needs torchvision (llavakit reads images only)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import cached_file
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(path, **hub_kwargs)
+    found = cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    fields = json.loads(Path(found).read_text(encoding="utf-8")) if found else {}
+    return SimpleNamespace(tokenizer=tokenizer, image_processor=image_processor,
+                           image_token=fields.get("image_token", "<image>"),
+                           vision_aspect_ratio=fields.get("vision_aspect_ratio", "anyres_max_9"),
+                           chat_template=fields.get("chat_template") or tokenizer.chat_template)
+
+
 def _tile_image_processor(image_processor):
-    """The encoder's own (CLIP) image processor with a LlavaNext image processor's settings: llavakit cuts the
-    tiles itself (`llavakit.model.anyres`) and preprocesses each tile with this one."""
+    """The encoder's own (CLIP) image processor with a LlavaNext / OneVision image processor's settings: llavakit
+    cuts the tiles itself (`llavakit.model.anyres`) and preprocesses each tile with this one."""
     from transformers.image_processing_backends import PilBackend
 
     if isinstance(image_processor, PilBackend):
@@ -76,6 +110,7 @@ def _tile_image_processor(image_processor):
     for key in ("size", "crop_size"):
         if key in kwargs and not isinstance(kwargs[key], dict):
             kwargs[key] = {k: v for k, v in vars(kwargs[key]).items() if v is not None}
+    kwargs.setdefault("do_center_crop", False)  # OneVision's processor leaves it unset: no crop, not CLIP's 224 px
     return cls(**kwargs)
 
 
@@ -97,9 +132,11 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
             f"bias={hf_cfg.multimodal_projector_bias} has no llavakit equivalent (only 'gelu' with biases, "
             "our 'mlp2x_gelu')"
         )
-    hp = AutoProcessor.from_pretrained(path, **hub_kwargs)
+    hp = onevision_processor_parts(path, hub_kwargs) if hf_class is LlavaOnevisionForConditionalGeneration \
+        else AutoProcessor.from_pretrained(path, **hub_kwargs)
     tokenizer, image_processor = hp.tokenizer, hp.image_processor
-    next_ = hf_class is LlavaNextForConditionalGeneration
+    policy = POLICIES[hf_class]
+    next_ = policy != "base"  # tiled: LLaVA-NeXT or OneVision
     projector_weights = dict(hf.model.multi_modal_projector.state_dict())
     if next_:
         pinpoints = check_grid_pinpoints(hf_cfg.image_grid_pinpoints, int(hf_cfg.vision_config.image_size))
@@ -108,6 +145,11 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
                              f"differ from the model's {pinpoints}")
         image_processor = _tile_image_processor(image_processor)
         projector_weights["image_newline.weight"] = hf.model.image_newline
+    if policy == "anyres_max":
+        max_tiles = parse_vision_aspect_ratio(hf_cfg.vision_aspect_ratio)
+        if parse_vision_aspect_ratio(hp.vision_aspect_ratio) != max_tiles:
+            raise ValueError(f"{path}: the processor's vision_aspect_ratio {hp.vision_aspect_ratio!r} differs from the "
+                             f"model's {hf_cfg.vision_aspect_ratio!r}")
     # llavakit's processor owns the pad-to-square step (image_aspect), so the image processor must not pad too.
     aspect = "pad" if getattr(image_processor, "do_pad", False) and not next_ else "resize"
     if aspect == "pad":
@@ -120,7 +162,7 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
     prefix = count_prefix_tokens(tower, hf_cfg.vision_config)
     model, processor = assemble(
         tower, _causal_lm(hf), tokenizer, image_processor, projector="mlp2x_gelu", projector_weights=projector_weights,
-        image_tokens="anyres" if next_ else "base",
+        image_tokens=policy,
         vision_feature_layer=hf_cfg.vision_feature_layer, vision_feature_select=_vision_select(hf_cfg, prefix, path),
         image_token=hp.image_token, image_token_id=hf_cfg.image_token_id, image_aspect=aspect,
         components={"hf-llava": str(path)}, chat_template=hp.chat_template,
@@ -128,5 +170,7 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
         tokenization="llm")  # LlavaProcessor: one string, bos by the tokenizer
     if next_:  # assemble gives the encoder-size defaults; the checkpoint's own pinpoints win
         model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
+    if policy == "anyres_max":
+        model.config.anyres_max_tiles = processor.anyres_max_tiles = max_tiles
     model.eval()
     return model, processor

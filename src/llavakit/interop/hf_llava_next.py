@@ -88,7 +88,8 @@ def llava_next_state_dict(model: LlavakitForConditionalGeneration) -> dict[str, 
     """llava-hf's legacy names (`weights.legacy_state_dict`) with the newline at the top, as llava-next has it."""
     state = legacy_state_dict(model)
     if NEWLINE_KEY not in state:
-        raise ValueError(f"the model has no {NEWLINE_KEY}; only image_tokens='anyres' models export as hf-llava-next")
+        raise ValueError(f"the model has no {NEWLINE_KEY}; only image_tokens='anyres' / 'anyres_max' models export "
+                         "with an image_newline (hf-llava-next / hf-llava-onevision)")
     state["image_newline"] = state.pop(NEWLINE_KEY)
     return state
 

@@ -12,7 +12,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 FEATURE_SELECT = ("patch", "cls_patch")
 DTYPES = ("float32", "float16", "bfloat16")
-IMAGE_TOKEN_POLICIES = ("base", "unpad", "anyres")  # see LlavakitConfig.image_tokens
+IMAGE_TOKEN_POLICIES = ("base", "unpad", "anyres", "anyres_max")  # see LlavakitConfig.image_tokens
+TILED_POLICIES = ("anyres", "anyres_max")  # policies whose images are a base tile + a pinpoint grid of tiles
 
 
 def parse_dtype(dtype):
@@ -48,11 +49,17 @@ class LlavakitConfig(PreTrainedConfig):
     # only the features over the image itself when it was padded to a square (LLaVA-NeXT's unpadding,
     # one tile; the processor counts them, `LlavakitProcessor.num_image_tokens`); "anyres" = LLaVA-NeXT's
     # tiles: a base tile + a grid of tiles chosen from `image_grid_pinpoints`, unpadded, with a learned
-    # newline after each row (`llavakit.model.anyres`).
+    # newline after each row (`llavakit.model.anyres`); "anyres_max" = LLaVA-OneVision's "anyres_max_N": as
+    # anyres, but a grid map of more than `anyres_max_tiles` tiles' worth of features is bilinearly shrunk, and
+    # each image of a multi-image sample gets its base tile + one newline only (`llavakit.model.onevision`).
     image_tokens: str = "base"
-    # anyres only: the [height, width] px resolutions the tile grid may take, each a multiple of the
-    # encoder's input size; None = LLaVA-NeXT's default for that size (filled in, so it is recorded).
+    # anyres / anyres_max: the [height, width] px resolutions the tile grid may take, each a multiple of the
+    # encoder's input size; None = the policy's default for that size (LLaVA-NeXT's 5 grids for anyres,
+    # OneVision's 1x1..6x6 tiles for anyres_max; filled in, so it is recorded).
     image_grid_pinpoints: list[list[int]] | None = None
+    # anyres_max only: N of OneVision's "anyres_max_N" (its vision_aspect_ratio), the most base tiles' worth
+    # of grid features an image keeps before they are interpolated down.
+    anyres_max_tiles: int = 9
     image_token_id: int | None = None
     pad_token_id: int | None = None
     # {"vision": id_or_path, "llm": id_or_path} the model was assembled from.
@@ -69,12 +76,14 @@ class LlavakitConfig(PreTrainedConfig):
             raise ValueError(f"image_tokens={self.image_tokens!r} is not one of {list(IMAGE_TOKEN_POLICIES)}")
         if isinstance(self.vision_feature_layer, (list, tuple)):
             self.vision_feature_layer = [int(x) for x in self.vision_feature_layer]
-        if self.image_tokens == "anyres" and self.vision_config is not None:
-            from .anyres import check_grid_pinpoints, default_grid_pinpoints
+        if self.image_tokens in TILED_POLICIES and self.vision_config is not None:
+            from .anyres import check_grid_pinpoints
+            from .onevision import check_max_tiles, policy_grid_pinpoints
 
             tile = int(self.vision_config.image_size)
             self.image_grid_pinpoints = check_grid_pinpoints(self.image_grid_pinpoints or
-                                                             default_grid_pinpoints(tile), tile)
+                                                             policy_grid_pinpoints(self.image_tokens, tile), tile)
+            self.anyres_max_tiles = check_max_tiles(self.anyres_max_tiles)
         # A tied-embedding LLM (e.g. Qwen2.5-0.5B) keeps its tying inside the composite model.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

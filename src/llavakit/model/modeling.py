@@ -5,8 +5,10 @@ The three parts are ordinary transformers modules built with ``AutoModel.from_co
 ``generate`` and accelerate/FSDP work on the composite without glue. Image features are put in
 place with one guarded ``masked_scatter`` (no per-sample loops): the processor has already expanded
 every ``<image>`` into as many placeholder ids as the image has features (`LlavakitProcessor.image_token_counts`),
-in text order. Under ``unpad`` / ``anyres`` the per-image features are cut (and, for anyres, tiled and given
-row newlines) from ``image_sizes`` by `select_image_features`, by the same rules the processor counts with.
+in text order. Under ``unpad`` / ``anyres`` / ``anyres_max`` the per-image features are cut (and, for the tiled
+policies, laid out with row newlines; anyres_max also shrinks big grids and gives the images of multi-image
+samples their base tile only, from ``batch_num_images``) from ``image_sizes`` by `select_image_features`, by the
+same rules the processor counts with.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .anyres import ImageNewline, anyres_features, num_tiles
-from .config import LlavakitConfig
+from .onevision import anyres_max_features, tiled_images
+from .config import TILED_POLICIES, LlavakitConfig
 from .loss import linear_cross_entropy_sum
 from .projectors import build_projector
 
@@ -50,7 +53,7 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         in_dim = config.vision_config.hidden_size * len(config.feature_layers)
         self.multi_modal_projector = build_projector(config.projector, in_dim, config.text_config.hidden_size)
-        if config.image_tokens == "anyres":  # trained, saved and loaded with the projector (anyres.ImageNewline)
+        if config.image_tokens in TILED_POLICIES:  # trained, saved and loaded with the projector (ImageNewline)
             self.multi_modal_projector.image_newline = ImageNewline(config.text_config.hidden_size)
         self.post_init()
 
@@ -99,16 +102,17 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         """pixel_values [N_img, 3, H, W] -> projected features [N_img, image_seq_length, D_llm]."""
         return self.multi_modal_projector(self.vision_features(pixel_values))
 
-    def select_image_features(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None):
+    def select_image_features(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None,
+                              batch_num_images=None):
         """[N_img, T, D] -> the features each image keeps under the token policy, as a list of [T_i, D]
-        (``base``: all T; ``unpad``: the feature-grid rows/columns over the image, not its padding; ``anyres``:
-        `image_features` holds every tile, see `anyres_image_features`)."""
+        (``base``: all T; ``unpad``: the feature-grid rows/columns over the image, not its padding; ``anyres`` /
+        ``anyres_max``: `image_features` holds every tile, see `anyres_image_features`)."""
         if self.config.image_tokens == "base":
             return list(image_features)
         from .processor import feature_grid, unpadded_box
 
-        if self.config.image_tokens == "anyres":
-            return self.anyres_image_features(image_features, image_sizes)
+        if self.config.image_tokens in TILED_POLICIES:
+            return self.anyres_image_features(image_features, image_sizes, batch_num_images)
         if image_sizes is None or len(image_sizes) != image_features.shape[0]:
             got = "none" if image_sizes is None else len(image_sizes)
             raise ValueError(f"image_tokens='unpad' needs image_sizes [N_img, 2] (width, height) for each of the "
@@ -122,24 +126,45 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             out.append(grid[k, top:bottom, left:right].reshape(-1, d))  # [T_k, D]
         return out
 
-    def tiles_per_image(self, image_sizes: torch.Tensor) -> list[int]:
-        """anyres: how many tiles (base + grid) each image of ``image_sizes`` [N_img, 2] (width, height) has."""
-        tile = int(self.config.vision_config.image_size)
-        return [num_tiles(int(w), int(h), self.config.image_grid_pinpoints, tile) for w, h in image_sizes.tolist()]
+    def images_tiled(self, n_images: int, batch_num_images=None) -> list[bool]:
+        """Per image, whether it is tiled: always under anyres; under anyres_max only when alone in its sample
+        (``batch_num_images`` [B] images per sample; None = every image alone, as transformers)."""
+        if self.config.image_tokens == "anyres_max":
+            return tiled_images(batch_num_images, n_images)
+        return [True] * n_images
 
-    def anyres_image_features(self, tile_features: torch.Tensor, image_sizes: torch.Tensor | None) -> list:
+    def tiles_per_image(self, image_sizes: torch.Tensor, batch_num_images=None) -> list[int]:
+        """anyres / anyres_max: how many tiles (base + grid, or the base tile of an image of a multi-image
+        sample) each image of ``image_sizes`` [N_img, 2] (width, height) has."""
+        tile = int(self.config.vision_config.image_size)
+        tiled = self.images_tiled(len(image_sizes), batch_num_images)
+        return [num_tiles(int(w), int(h), self.config.image_grid_pinpoints, tile) if t else 1
+                for (w, h), t in zip(image_sizes.tolist(), tiled)]
+
+    def anyres_image_features(self, tile_features: torch.Tensor, image_sizes: torch.Tensor | None,
+                              batch_num_images=None) -> list:
         """Tile features [sum of tiles, T, D] (every image's base tile, then its grid) -> per-image [T_i, D]."""
+        policy = self.config.image_tokens
         if image_sizes is None:
-            raise ValueError("image_tokens='anyres' needs image_sizes [N_img, 2] (width, height); the processor "
+            raise ValueError(f"image_tokens={policy!r} needs image_sizes [N_img, 2] (width, height); the processor "
                              "returns them")
-        counts = self.tiles_per_image(image_sizes)
+        counts = self.tiles_per_image(image_sizes, batch_num_images)
         if sum(counts) != tile_features.shape[0]:
-            raise ValueError(f"image_tokens='anyres': image_sizes {image_sizes.tolist()} need {counts} tiles "
-                             f"({sum(counts)} in all), pixel_values hold {tile_features.shape[0]}")
+            hint = "" if policy == "anyres" or batch_num_images is not None else (
+                "; an image of a multi-image sample has one tile under anyres_max: pass batch_num_images "
+                "(images per sample, as the processor returns it)")
+            raise ValueError(f"image_tokens={policy!r}: image_sizes {image_sizes.tolist()} need {counts} tiles "
+                             f"({sum(counts)} in all), pixel_values hold {tile_features.shape[0]}{hint}")
         tile = int(self.config.vision_config.image_size)
         newline = self.multi_modal_projector.image_newline.weight
-        return [anyres_features(f, (int(w), int(h)), self.config.image_grid_pinpoints, tile, newline)
-                for f, (w, h) in zip(tile_features.split(counts), image_sizes.tolist())]
+        pins = self.config.image_grid_pinpoints
+        if policy == "anyres":
+            return [anyres_features(f, (int(w), int(h)), pins, tile, newline)
+                    for f, (w, h) in zip(tile_features.split(counts), image_sizes.tolist())]
+        tiled = self.images_tiled(len(image_sizes), batch_num_images)
+        return [anyres_max_features(f, (int(w), int(h)) if t else None, pins, tile, newline,
+                                    self.config.anyres_max_tiles)
+                for f, (w, h), t in zip(tile_features.split(counts), image_sizes.tolist(), tiled)]
 
     def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features):
         """Write image features over the placeholder positions, in order (one masked_scatter).
@@ -165,27 +190,30 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None, past_key_values=None,
-              vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+              vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+              batch_num_images=None) -> torch.Tensor:
         """Token embeddings with image features spliced in: [B, L, D_llm].
 
         Images come as `pixel_values`, as cached tower outputs `vision_features` (before the
         projector, e.g. from a stage-1 feature cache), or as ready `image_features`.
         """
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        anyres = self.config.image_tokens == "anyres"
+        anyres = self.config.image_tokens in TILED_POLICIES
         if anyres and vision_features is not None and vision_features.shape[0] > 0:
-            raise ValueError("image_tokens='anyres' cannot take cached vision_features (the cache holds one "
-                             "base-resolution tile per image); train stage 1 with image_tokens='base' or no cache")
+            raise ValueError(f"image_tokens={self.config.image_tokens!r} cannot take cached vision_features (the "
+                             "cache holds one base-resolution tile per image); train stage 1 with "
+                             "image_tokens='base' or no cache")
         if anyres and pixel_values is not None and pixel_values.dim() == 5 and image_sizes is not None:
-            # transformers' LlavaNext layout [N_img, max_tiles, 3, H, W]: keep each image's own tiles
-            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, self.tiles_per_image(image_sizes))])
+            # transformers' LlavaNext / OneVision layout [N_img, max_tiles, 3, H, W]: keep each image's own tiles
+            tiles = self.tiles_per_image(image_sizes, batch_num_images)
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)])
         if image_features is None and vision_features is not None and vision_features.shape[0] > 0:
             image_features = self.multi_modal_projector(vision_features.to(inputs_embeds.dtype))
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
             if self.config.image_tokens != "base" and not isinstance(image_features, (list, tuple)):
-                image_features = self.select_image_features(image_features, image_sizes)
+                image_features = self.select_image_features(image_features, image_sizes, batch_num_images)
             return self.splice(input_ids, inputs_embeds, image_features)
         if self.training and _distributed():
             # A batch without images on one rank while another rank's has some: sharded modules (FSDP,
@@ -227,6 +255,7 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         loss_chunk_size: int = 0,
         cache=None,
         image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM outputs. With `labels` and `supervised_logits_only=True` the LM head runs only
@@ -242,7 +271,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_features, cache, vision_features, image_sizes)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_features, cache, vision_features, image_sizes,
+                                       batch_num_images)
         if use_cache is None and cache is None and (
                 self.training or (attention_mask is None and position_ids is not None)):
             # No KV cache in training, and none for padding-free packed rows: transformers only

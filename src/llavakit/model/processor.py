@@ -16,8 +16,13 @@ Token policies (``image_tokens``, recorded with the model config too):
   (`llavakit.model.anyres`): a base tile plus a grid chosen from ``image_grid_pinpoints``, unpadded, one
   newline per row. ``pixel_values`` then holds every tile of every image, base tile first, in image order:
   [sum of tiles, 3, H, W] (so batches concatenate like one-tile images); the model recounts each image's
-  tiles from ``image_sizes``. Every image of a sample is tiled, as transformers' LlavaNext does (OneVision's
-  base-only rule for multi-image samples is not implemented).
+  tiles from ``image_sizes``. Every image of a sample is tiled, as transformers' LlavaNext does.
+* ``anyres_max`` — LLaVA-OneVision's ``anyres_max_N`` (`llavakit.model.onevision`): as ``anyres`` (OneVision's
+  1x1..6x6 pinpoints by default), the grid map shrunk when it holds more than ``anyres_max_tiles`` tiles'
+  worth of features; an image of a multi-image sample is padded to a square and gets its base tile + one
+  newline only. The images a method is given are *one sample* (`image_token_counts`, `preprocess_images`)
+  unless ``batch_num_images`` (images per sample, transformers' name) says otherwise; ``__call__`` counts them
+  per text and returns ``batch_num_images`` for the model.
 
 ``tokenization`` records how the checkpoint was trained to see text (`llavakit.data.tokenize`):
 ``llm`` and ``text`` tokenize a text in one piece (with ``add_special_tokens`` as given), ``llava``
@@ -34,9 +39,9 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from llavakit.data.conversation import IMAGE_MARKER
-from llavakit.model.anyres import (anyres_tiles, anyres_token_count, check_grid_pinpoints, default_grid_pinpoints,
-                                   unpadded_extent)
-from llavakit.model.config import IMAGE_TOKEN_POLICIES
+from llavakit.model.anyres import anyres_tiles, anyres_token_count, check_grid_pinpoints, unpadded_extent
+from llavakit.model.config import IMAGE_TOKEN_POLICIES, TILED_POLICIES
+from llavakit.model.onevision import anyres_max_token_count, check_max_tiles, policy_grid_pinpoints, tiled_images
 from llavakit.data.tokenize import (LEGACY_TOKENIZATION, added_special_ids, check_tokenization,
                                     expand_image_tokens)
 
@@ -91,7 +96,7 @@ class LlavakitProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_MARKER,
                  image_seq_length: int = 1, image_aspect: str = "resize", template: str | None = None,
                  tokenization: str = LEGACY_TOKENIZATION, image_tokens: str = "base",
-                 image_grid_pinpoints: list[list[int]] | None = None, **kwargs):
+                 image_grid_pinpoints: list[list[int]] | None = None, anyres_max_tiles: int = 9, **kwargs):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect={image_aspect!r} is not one of {list(IMAGE_ASPECTS)}")
         if image_tokens not in IMAGE_TOKEN_POLICIES:
@@ -101,15 +106,18 @@ class LlavakitProcessor(ProcessorMixin):
                 raise ValueError("image_tokens='unpad' drops the features over LLaVA's square padding, so it "
                                  "needs image_aspect='pad'")
             feature_grid(image_seq_length)
-        if image_tokens == "anyres":
+        if image_tokens in TILED_POLICIES:
             if image_aspect != "resize":
-                raise ValueError("image_tokens='anyres' tiles the image itself (its base tile is the whole image "
-                                 "resized, as LLaVA-NeXT); use image_aspect='resize'")
+                raise ValueError(f"image_tokens={image_tokens!r} tiles the image itself (its base tile is the whole "
+                                 "image resized, as LLaVA-NeXT); use image_aspect='resize'")
             feature_grid(image_seq_length)
             tile = encoder_input_size(image_processor)
-            image_grid_pinpoints = check_grid_pinpoints(image_grid_pinpoints or default_grid_pinpoints(tile), tile)
-        # anyres: the [height, width] px the tile grid may take (recorded in processor_config.json)
+            image_grid_pinpoints = check_grid_pinpoints(image_grid_pinpoints or
+                                                        policy_grid_pinpoints(image_tokens, tile), tile)
+        # anyres / anyres_max: the [height, width] px the tile grid may take (recorded in processor_config.json)
         self.image_grid_pinpoints = image_grid_pinpoints
+        # anyres_max: OneVision's N, the most tiles' worth of grid features an image keeps (`model.onevision`)
+        self.anyres_max_tiles = check_max_tiles(anyres_max_tiles)
         self.image_tokens = image_tokens
         self.tokenization = check_tokenization(tokenization)
         self.image_token = image_token
@@ -129,16 +137,23 @@ class LlavakitProcessor(ProcessorMixin):
         """Whether an image's token count depends on its size (then callers must know the sizes)."""
         return self.image_tokens != "base"
 
-    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
-        """Placeholder ids for one image of ``image_size`` = (width, height)."""
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None, tiled: bool = True) -> int:
+        """Placeholder ids for one image of ``image_size`` = (width, height); ``tiled=False``: an image of a
+        multi-image sample under ``anyres_max`` (base tile + newline, whatever its size)."""
         if self.image_tokens == "base":
             return self.image_seq_length
+        if self.image_tokens == "anyres_max" and not tiled:
+            return anyres_max_token_count(0, 0, None, self.tile_size, feature_grid(self.image_seq_length),
+                                          self.anyres_max_tiles, tiled=False)
         if image_size is None:
             raise ValueError(f"image_tokens={self.image_tokens!r}: the token count depends on the image size; "
                              "pass image_size=(width, height)")
         if self.image_tokens == "anyres":
             return anyres_token_count(*image_size, self.image_grid_pinpoints, self.tile_size,
                                       feature_grid(self.image_seq_length))
+        if self.image_tokens == "anyres_max":
+            return anyres_max_token_count(*image_size, self.image_grid_pinpoints, self.tile_size,
+                                          feature_grid(self.image_seq_length), self.anyres_max_tiles)
         top, bottom, left, right = unpadded_box(*image_size, feature_grid(self.image_seq_length))
         return (bottom - top) * (right - left)
 
@@ -148,8 +163,9 @@ class LlavakitProcessor(ProcessorMixin):
         return encoder_input_size(self.image_processor)
 
     def image_token_counts(self, images: Sequence) -> list[int]:
-        """One count per image: PIL images, (width, height) pairs, or references `open_image` reads
-        (only their headers are read, and only when counts depend on the size)."""
+        """One count per image of *one sample*: PIL images, (width, height) pairs, or references `open_image`
+        reads (only their headers are read, and only when counts depend on the size). Under ``anyres_max`` the
+        images of a sample with several get the base tile + newline each (OneVision's multi-image rule)."""
         if not self.counts_depend_on_size:
             return [self.image_seq_length] * len(images)
         from llavakit.data.images import image_size
@@ -161,21 +177,29 @@ class LlavakitProcessor(ProcessorMixin):
             # an opened image is preprocessed as stored (no EXIF turn), so its tiles and count follow im.size
             return im.size if isinstance(im, Image.Image) else size
 
-        return [self.num_image_tokens(size_of(im)) for im in images]
+        sizes = [size_of(im) for im in images]
+        alone = self.image_tokens != "anyres_max" or len(images) == 1  # else each gets base tile + newline
+        return [self.num_image_tokens(size, tiled=alone) for size in sizes]
 
     # --- images ---------------------------------------------------------------------------------
     def _fill_colour(self) -> tuple[int, int, int]:
         mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         return tuple(int(255 * m) for m in mean)  # truncation, as LLaVA and transformers do
 
-    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values [N, 3, H, W] (float32); under ``anyres`` every image's tiles, base tile
-        first: [sum of tiles, 3, H, W]."""
+    def preprocess_images(self, images: Sequence[Image.Image], batch_num_images: Sequence[int] | None = None
+                          ) -> torch.Tensor:
+        """PIL images -> pixel_values [N, 3, H, W] (float32); under ``anyres`` / ``anyres_max`` every image's
+        tiles, base tile first: [sum of tiles, 3, H, W]. ``batch_num_images`` (images per sample) matters to
+        ``anyres_max`` only; None = `images` are one sample (an image of several: one square-padded tile)."""
         rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
-        if self.image_tokens == "anyres":
+        if self.image_tokens in TILED_POLICIES:
             resample = getattr(self.image_processor, "resample", None)
             resample = Image.BICUBIC if resample is None else int(resample)
-            rgb = [t for im in rgb for t in anyres_tiles(im, self.image_grid_pinpoints, self.tile_size, resample)]
+            tiled = [True] * len(rgb) if self.image_tokens == "anyres" else \
+                tiled_images([len(rgb)] if batch_num_images is None else batch_num_images, len(rgb))
+            rgb = [t for im, tile in zip(rgb, tiled) for t in
+                   (anyres_tiles(im, self.image_grid_pinpoints, self.tile_size, resample) if tile
+                    else [expand_to_square(im, self._fill_colour())])]
         if self.image_aspect == "pad":
             rgb = [expand_to_square(im, self._fill_colour()) for im in rgb]
         return self.image_processor(rgb, return_tensors="pt")["pixel_values"]
@@ -202,17 +226,19 @@ class LlavakitProcessor(ProcessorMixin):
             ids = [self.chunked_ids(t, add_special_tokens) for t in texts]
         else:
             ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        counts = self.image_token_counts(flat_images)
+        per_text = [t.count(self.image_token) for t in texts]  # images of each sample
         rows, at = [], 0
-        for row, n in zip(ids, [t.count(self.image_token) for t in texts]):
-            rows.append(expand_image_tokens(row, self.image_token_id, counts[at:at + n]))
+        for row, n in zip(ids, per_text):
+            rows.append(expand_image_tokens(row, self.image_token_id, self.image_token_counts(flat_images[at:at + n])))
             at += n
         ids = rows
         data = self.pad(ids, padding_side=padding_side) if padding else {"input_ids": ids}
         if flat_images:
-            data["pixel_values"] = self.preprocess_images(flat_images)
+            data["pixel_values"] = self.preprocess_images(flat_images, batch_num_images=per_text)
             if self.counts_depend_on_size:
                 data["image_sizes"] = self.image_sizes(flat_images)
+            if self.image_tokens == "anyres_max":  # which images are alone in their sample (transformers' name)
+                data["batch_num_images"] = per_text
         if return_tensors not in (None, "pt"):
             raise ValueError("LlavakitProcessor returns PyTorch tensors only (return_tensors='pt')")
         if return_tensors == "pt" and not padding and len(ids) > 1:
