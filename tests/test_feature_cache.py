@@ -175,6 +175,19 @@ def test_trainer_hook_refuses_a_trainable_tower_and_wraps_otherwise(tiny_built, 
     torch.testing.assert_close(batch["vision_features"][0], batch["vision_features"][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("policy", ["anyres", "anyres_max"])
+def test_trainer_hook_refuses_tiled_policies_up_front(tiny_dirs, stage1, tmp_path, policy):
+    """A tiled model sees several tiles per image; the cache holds one: a clear ConfigError before anything is built."""
+    import llavakit
+
+    model, processor = llavakit.build(tiny_dirs["clip"], tiny_dirs["llama"], image_tokens=policy)
+    cfg = SimpleNamespace(train=SimpleNamespace(train_vision=False),
+                          data=SimpleNamespace(feature_cache=str(tmp_path / "c"), num_workers=0))
+    with pytest.raises(ConfigError, match="use image_tokens: base for the feature cache, as OneVision's stage 1 does"):
+        attach_feature_cache(cfg, model, processor, stage1, PackingCollator(), say=lambda *a: None)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_stage1_run_with_the_cache_matches_one_without(tiny_dirs, tmp_path):
     """Through the real trainer (`data.feature_cache`): same losses and projector, twice the second time."""
     import json

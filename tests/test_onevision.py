@@ -244,3 +244,34 @@ def test_import_of_a_transformers_llava_onevision_gives_the_same_logits(hf_onevi
     again, again_proc = llavakit.load(tmp_path / "kit")
     assert again.config.anyres_max_tiles == again_proc.anyres_max_tiles == 2
     assert again.config.image_grid_pinpoints == again_proc.image_grid_pinpoints == model.config.image_grid_pinpoints
+
+
+# --- OneVision's recipe: stage 1 at base resolution, stage 2 tiled ----------------------------------------
+def test_a_base_stage1_projector_starts_a_tiled_stage2(tiny_dirs, tmp_path, caplog):
+    """Only the row newline may be missing (kept freshly initialised, logged); any other mismatch still fails."""
+    from safetensors.torch import save_file
+
+    from llavakit.train.config import ConfigError
+    from llavakit.train.recipes import load_projector
+
+    torch.manual_seed(0)
+    base, _ = llavakit.build(tiny_dirs["siglip"], tiny_dirs["qwen2"])
+    stage1 = {k: v.clone() for k, v in base.multi_modal_projector.state_dict().items()}
+    save_file(stage1, str(tmp_path / "mm_projector.safetensors"))
+    for policy in ("anyres", "anyres_max"):
+        model, _ = llavakit.build(tiny_dirs["siglip"], tiny_dirs["qwen2"], image_tokens=policy)
+        newline = model.multi_modal_projector.image_newline.weight.detach().clone()
+        with caplog.at_level("INFO", logger="llavakit.train.recipes"):
+            load_projector(model, tmp_path / "mm_projector.safetensors")
+        assert "image_newline.weight" in caplog.text
+        for k, v in stage1.items():
+            torch.testing.assert_close(model.multi_modal_projector.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(model.multi_modal_projector.image_newline.weight, newline, rtol=0, atol=0)
+    del stage1["linear_2.bias"]  # anything else missing is still an error
+    save_file(stage1, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ConfigError, match="linear_2.bias"):
+        load_projector(model, tmp_path / "broken.safetensors")
+    tiled = {k: v.clone() for k, v in model.multi_modal_projector.state_dict().items()}
+    save_file(tiled, str(tmp_path / "tiled.safetensors"))
+    with pytest.raises(ConfigError, match="unexpected"):  # a tiled projector into a base model: no newline to take it
+        load_projector(base, tmp_path / "tiled.safetensors")

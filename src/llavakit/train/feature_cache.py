@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..model.config import TILED_POLICIES
+
 # torch dtype -> (numpy dtype stored on disk, name in meta.json); bf16 has no numpy type: raw bits.
 _STORAGE = {torch.float32: (np.float32, "float32"), torch.float16: (np.float16, "float16"),
             torch.bfloat16: (np.uint16, "bfloat16")}
@@ -326,6 +328,12 @@ def attach_feature_cache(cfg, model, processor, dataset, collator, accelerator=N
     Returns (dataset, collator) to train on."""
     from .config import ConfigError
 
+    policy = getattr(model.config, "image_tokens", "base")
+    if policy in TILED_POLICIES:  # the cache holds one base-resolution tile per image; these need every tile
+        raise ConfigError(f"data.feature_cache cannot be used with image_tokens: {policy} (each image is several "
+                          "tiles, the cache holds one): stage 1 at base resolution: use image_tokens: base for the "
+                          "feature cache, as OneVision's stage 1 does, then start the tiled stage 2 from its projector "
+                          "(or drop data.feature_cache)")
     if cfg.train.train_vision:
         raise ConfigError("data.feature_cache needs a frozen vision tower; unset train.train_vision or the cache")
     cache = FeatureCache(cfg.data.feature_cache, model, processor)

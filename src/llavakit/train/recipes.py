@@ -98,11 +98,22 @@ def assemble(cfg: RunConfig):
     )
 
 
+# A projector without it is a base-policy stage 1's: a tiled (anyres / anyres_max) stage 2 starts from it, as
+# OneVision's recipe does, and keeps its freshly initialised newline.
+NEWLINE_KEY = "image_newline.weight"
+
+
 def load_projector(model, path: Path) -> None:
+    """Load a stage-1 projector (``mm_projector.safetensors``) into `model`'s projector; everything must fit, except
+    that a tiled model may start from a projector without the row newline (a stage 1 at base resolution)."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     missing, unexpected = model.multi_modal_projector.load_state_dict(state, strict=False)
+    if list(missing) == [NEWLINE_KEY] and not unexpected:
+        log.info("%s has no %s (a base-resolution stage 1): keeping the freshly initialised row newline of this "
+                 "image_tokens: %s model", path, NEWLINE_KEY, getattr(model.config, "image_tokens", "?"))
+        missing = []
     if missing or unexpected:
         raise ConfigError(
             f"{path} does not fit this model's projector ({model.config.projector}): missing {missing}, "
