@@ -275,3 +275,54 @@ def test_a_base_stage1_projector_starts_a_tiled_stage2(tiny_dirs, tmp_path, capl
     save_file(tiled, str(tmp_path / "tiled.safetensors"))
     with pytest.raises(ConfigError, match="unexpected"):  # a tiled projector into a base model: no newline to take it
         load_projector(base, tmp_path / "tiled.safetensors")
+
+
+def test_cli_exports_an_anyres_max_model_as_llava_onevision(ov_built, tmp_path, capsys):
+    """`llavakit export` writes OneVision by default for anyres_max, and with --format hf-llava-onevision; a saved
+    model keeps N and its pinpoints; the other formats refuse it."""
+    from llavakit.cli import main
+
+    model, processor = ov_built
+    _set(model, processor, "mixed", 3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    for args, name in (([], "hf"), (["--format", "hf-llava-onevision"], "explicit")):
+        assert main(["export", str(tmp_path / "model"), str(tmp_path / name), *args]) == 0
+        assert "wrote hf-llava-onevision checkpoint" in capsys.readouterr().out
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        assert cfg["model_type"] == "llava_onevision" and cfg["vision_aspect_ratio"] == "anyres_max_3"
+        assert cfg["image_grid_pinpoints"] == PINPOINT_SETS["mixed"]
+    _, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "next"), "--format", "hf-llava-next"]) == 2
+    assert "anyres_max" in capsys.readouterr().err
+
+
+def test_three_training_steps_single_image_samples(tiny_dirs, tmp_path):
+    """anyres_max trains from a YAML-shaped config (single-image samples: the data pipeline does not pass
+    batch_num_images yet, docs/interop.md)."""
+    from pathlib import Path
+
+    from llavakit.train import load_config, run_training
+    from llavakit.train.loop import read_losses
+
+    (tmp_path / "images").mkdir()
+    for k, s in enumerate([(61, 46), (29, 86), (48, 48), (300, 20)]):
+        _image(s, k).save(tmp_path / "images" / f"{k}.png")
+    rows = [{"id": f"s{i}", "images": [f"{i % 4}.png"],
+             "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                               {"from": "gpt", "value": f"shape number {i}"}]} for i in range(6)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    cfg = load_config(base={
+        "model": {"vision": str(tiny_dirs["siglip"]), "llm": str(tiny_dirs["qwen2"]), "image_tokens": "anyres_max"},
+        "data": {"train": str(tmp_path / "train.json"), "image_folder": str(tmp_path / "images"),
+                 "template": "vicuna_v1", "max_length": 1024},
+        "train": {"stage": "finetune", "output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 2,
+                  "lr": 1e-3, "warmup_ratio": 0.0, "report_to": "none", "seed": 0}})
+    torch.manual_seed(0)
+    out = Path(run_training(cfg))
+    losses = [r["loss"] for r in read_losses(out / "losses.jsonl")]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    model, processor = llavakit.load(out)
+    assert model.config.image_tokens == processor.image_tokens == "anyres_max"
+    assert model.config.anyres_max_tiles == processor.anyres_max_tiles == 9
