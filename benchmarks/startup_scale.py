@@ -200,7 +200,8 @@ def table(rows: list[dict]) -> str:
     cols = [("samples", lambda r: f"{r['n']:,}"), ("data MB", lambda r: r["data_mb"]),
             ("cold first step s", lambda r: r["cold"]["first_step_s"]), ("cold CPU s", lambda r: r["cold"]["cpu_s"]),
             ("warm first step s", lambda r: r["warm"]["first_step_s"]), ("warm CPU s", lambda r: r["warm"]["cpu_s"]),
-            ("cold peak RSS MB", lambda r: r["cold"]["peak_rss_mb"]), ("warm peak RSS MB", lambda r: r["warm"]["peak_rss_mb"]),
+            ("cold peak RSS MB", lambda r: r["cold"]["peak_rss_mb"]),
+            ("warm peak RSS MB", lambda r: r["warm"]["peak_rss_mb"]),
             ("cold dataset MB", lambda r: r["cold"].get("dataset_mb", "-")),
             ("warm dataset MB", lambda r: r["warm"].get("dataset_mb", "-")),
             ("held (probe) MB", lambda r: r["probe_warm"]["dataset_rss_mb"]), ("cache MB", lambda r: r["cache_mb"])]

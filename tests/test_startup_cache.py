@@ -22,7 +22,7 @@ from llavakit.data.formats import load_conversations
 from llavakit.data.images import ImageLimits
 from llavakit.data.sampler import LengthGroupedSampler
 from llavakit.data.templates import get_template
-from llavakit.data.token_cache import StartupCache, prepare
+from llavakit.data.token_cache import prepare
 from llavakit.train.batches import prepare_data
 from llavakit.train.config import ConfigError, DataConfig, RunConfig, TrainConfig
 
@@ -51,7 +51,8 @@ def _rows() -> list[dict]:
     rows.append({"id": "long", "image": "red.png", "conversations": [
         {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"},
         {"from": "human", "value": "Tell me more. " * 30}, {"from": "gpt", "value": "It is red. " * 20}]})
-    rows.append({"id": "huge", "conversations": [{"from": "human", "value": "Word " * 200}, {"from": "gpt", "value": "ok"}]})
+    rows.append({"id": "huge", "conversations": [{"from": "human", "value": "Word " * 200},
+                                                 {"from": "gpt", "value": "ok"}]})
     return rows
 
 

@@ -176,7 +176,8 @@ class SupervisedDataset(Dataset):
 
     @classmethod
     def from_store(cls, store: TokenStore, report: DatasetReport, processor, template: Template | str,
-                   image_limits: ImageLimits | None = None, image_loader: Callable | None = None) -> "SupervisedDataset":
+                   image_limits: ImageLimits | None = None,
+                   image_loader: Callable | None = None) -> "SupervisedDataset":
         """A dataset over an existing `TokenStore` (e.g. memory-mapped from the start-up cache)."""
         self = cls.__new__(cls)
         self._setup(processor, template, image_limits, image_loader)

@@ -171,6 +171,8 @@ def source_files(sources: Sequence, extra: Sequence[str | os.PathLike] = ()) -> 
         if not isinstance(s.path, (str, os.PathLike)):
             return "the data is not a file"
         p = Path(s.path)
+        if not p.exists():
+            return f"{p} does not exist"
         if s.format == "hf" or p.suffix.lower() not in JSON_SUFFIXES or not p.is_file():
             return f"{p} is not a JSON/JSONL file"
         files.append(os.path.abspath(p))
@@ -250,8 +252,8 @@ class StartupCache:
                                    skipped_indices=list(rep["skipped_indices"]))
             store = TokenStore({k: v for k, v in arrays.items() if not k.startswith("checked")})
             dataset = SupervisedDataset.from_store(store, report, processor, template, image_limits=limits)
-        except CacheUnusable as e:
-            say(f"start-up cache: {self.path} is unusable ({e}); rebuilding it")
+        except (CacheUnusable, KeyError, TypeError, ValueError) as e:
+            say(f"start-up cache: {self.path} is unusable ({e or type(e).__name__}); rebuilding it")
             self.path.unlink(missing_ok=True)
             return None
         note = f"start-up cache: hit {self.path} ({len(dataset)} samples; built by the first run on this data)"
@@ -332,7 +334,8 @@ def prepare(train: Any, processor, template, *, image_folder: str | None = None,
     dataset = SupervisedDataset([c for c in convs if c.index not in bad], processor, template, max_length=max_length,
                                 overflow=overflow, image_limits=limits, workers=workers)
     clock.append(time.perf_counter())
-    took = ", ".join(f"{what} {b - a:.1f} s" for what, a, b in zip(("read", "checks", "tokenization"), clock, clock[1:]))
+    phases = zip(("read", "checks", "tokenization"), clock, clock[1:])
+    took = ", ".join(f"{what} {b - a:.1f} s" for what, a, b in phases)
     paths = image_paths(convs)
     prepared = Prepared(dataset, problems, mixture.table(problems) if mixture.is_mixture else None, paths or [],
                         f"{note} ({took})")

@@ -34,8 +34,8 @@ from .step import (NonFiniteError, StepResult, check_finite_weights, make_optimi
                    supervised_count)
 from .batches import epoch_order, make_collator, make_loader, prepare_data, rank_batches
 
-__all__ = ["train", "prepare_data", "prepare_data_once", "epoch_order", "rank_batches", "make_loader", "make_optimizer", "make_collator",
-           "optimizer_step", "save_final", "supervised_count", "read_losses", "plot_losses", "LOSS_LOG",
+__all__ = ["train", "prepare_data", "prepare_data_once", "epoch_order", "rank_batches", "make_loader", "make_optimizer",
+           "make_collator", "optimizer_step", "save_final", "supervised_count", "read_losses", "plot_losses", "LOSS_LOG",
            "NonFiniteError", "StepResult"]
 log = logging.getLogger(__name__)
 
