@@ -276,7 +276,7 @@ _MEASURE = textwrap.dedent('''
     from llavakit.model.processor import LlavakitProcessor
 
     path, aspect, limits = sys.argv[1], sys.argv[2], ImageLimits(**json.loads(sys.argv[3]))
-    me = SimpleNamespace(image_aspect=aspect, image_processor=tiny_image_processor("clip", 336))  # CLIP-336
+    me = SimpleNamespace(image_aspect=aspect, image_tokens="base", image_processor=tiny_image_processor("clip", 336))  # CLIP-336
     me._fill_colour = lambda: LlavakitProcessor._fill_colour(me)
     LlavakitProcessor.preprocess_images(me, [Image.new("RGB", (64, 64))])  # warm up
     before, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
