@@ -37,7 +37,8 @@ def run_isolated(row: Row, wd: Path, args) -> dict:
         cmd = [sys.executable, str(ENTRY), *args.argv, "--_row", json.dumps(asdict(row)), "--_out", out.name]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"row {row.name!r} failed:\n{proc.stderr[-4000:]}")
+            why = " (killed: out of memory?)" if proc.returncode == -9 else ""
+            raise RuntimeError(f"row {row.name!r} failed, exit {proc.returncode}{why}:\n{proc.stderr[-4000:]}")
         return json.loads(Path(out.name).read_text())
 
 

