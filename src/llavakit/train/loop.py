@@ -174,11 +174,15 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    from llavakit.model.packed_attention import PACKED_SDPA, use_packed_attention
+
     t = cfg.train
     main = accelerator.is_main_process
     set_seed(t.seed)
 
     model, processor = assemble(cfg)
+    if cfg.data.packing and use_packed_attention(model):  # sdpa/eager: no dense [ΣL, ΣL] mask per packed row
+        say(f"packing: the LLM attends within each packed sample ({PACKED_SDPA} attention)")
     processor.template = cfg.data.template
     dataset = prepare_data_once(cfg, processor, accelerator, say, run_dir)
     fingerprint = data_fingerprint(dataset)
