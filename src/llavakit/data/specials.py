@@ -11,7 +11,7 @@ nowhere in the conversation) before the template renders it; `llavakit.data.toke
 its pieces at the sentinels and tokenizes a wrapped spelling with ``split_special_tokens=True``
 (`plain_ids`). Everything else is tokenized exactly as before, as though a special token stood
 where the spelling is (the tokenizer always cut the text there), so data without such text gets
-the same ids as ever. The ``<image>`` marker is not a special-token spelling here: it is the image.
+the same ids as ever. The ``<image>`` (and ``<video>``) marker is not a special-token spelling here: it is the image.
 
 Limit: with the ``auto`` template (the tokenizer's own ``chat_template``) the sentinels travel
 through the Jinja template with the content; a template that rewrites content characters would
@@ -26,6 +26,7 @@ import re
 from typing import Sequence
 
 from .conversation import IMAGE_MARKER, Conversation, Turn
+from .video import VIDEO_MARKER
 
 # Spellings checked when no tokenizer is at hand (``llavakit data check`` without ``--model``).
 COMMON_SPECIAL_TEXTS = (
@@ -38,12 +39,14 @@ _SENTINELS = [chr(c) for c in range(0xFDD0, 0xFDF0)] + [chr(c) for c in range(0x
 
 
 def special_texts(tokenizer) -> list[str]:
-    """Spellings of the tokenizer's special tokens (not ``<image>``, not whitespace), longest first."""
+    """Spellings of the tokenizer's special tokens (not the ``<image>`` / ``<video>`` markers, not whitespace),
+    longest first."""
     found = set(getattr(tokenizer, "all_special_tokens", None) or [])
     for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
         if getattr(tok, "special", False):
             found.add(str(tok))
-    return sorted((t for t in found if t.strip() and IMAGE_MARKER not in t), key=lambda t: (-len(t), t))
+    markers = (IMAGE_MARKER, VIDEO_MARKER)
+    return sorted((t for t in found if t.strip() and not any(m in t for m in markers)), key=lambda t: (-len(t), t))
 
 
 def _pattern(texts: Sequence[str]) -> re.Pattern | None:

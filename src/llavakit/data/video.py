@@ -249,9 +249,10 @@ def sample_frames(frames: Sequence[Any], max_frames: int = DEFAULT_MAX_FRAMES) -
 def load_video(video: Any, max_frames: int = DEFAULT_MAX_FRAMES, fps: float | None = None,
                limits: VideoLimits = VideoLimits(), max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
     """A video reference -> its sampled RGB frames: a file path (`read_video`), or a list of frames (PIL images
-    or image references, only the sampled ones opened, each checked against `max_pixels` as images are)."""
+    or image references, only the sampled ones opened, each checked against `max_pixels` as images are; no
+    aspect-ratio limit: a frame is squashed to one square tile, never resized by its short side)."""
     if isinstance(video, (str, Path)):
         return read_video(video, max_frames, fps, limits)
     if isinstance(video, (list, tuple)):
-        return [open_image(f, max_pixels) for f in sample_frames(video, max_frames)]
+        return [open_image(f, max_pixels, max_aspect_ratio=None) for f in sample_frames(video, max_frames)]
     raise VideoError("video wrong type", f"<{type(video).__name__}> is not a video reference")

@@ -13,13 +13,15 @@ from contextlib import contextmanager
 import torch
 
 from ..data.conversation import IMAGE_MARKER
+from ..data.video import VIDEO_MARKER
 from .config import LlavakitConfig
 from .modeling import LlavakitForConditionalGeneration
-from .processor import LlavakitProcessor
+from .processor import LlavakitProcessor, token_id_or_none
 
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = IMAGE_MARKER  # the one marker text, defined with the conversation
+VIDEO_TOKEN = VIDEO_MARKER  # anyres_max models only (LLaVA-OneVision's video rule), defined with the video reader
 PAD_TOKEN = "<pad>"
 
 # Weights of the *other* tower of a dual encoder (CLIP/SigLIP text side). When only the vision
@@ -94,11 +96,12 @@ def count_prefix_tokens(tower, vision_config) -> int:
     return int(seq) - (size // int(vision_config.patch_size)) ** 2
 
 
-def add_image_tokens(tokenizer, lm) -> list[int]:
-    """Add `<image>` (+ `<pad>` when the tokenizer has no pad token); new embedding rows = mean of the old rows.
+def add_image_tokens(tokenizer, lm, video: bool = False) -> list[int]:
+    """Add `<image>` (+ `<video>` with `video`, + `<pad>` when the tokenizer has no pad token); new embedding rows
+    = mean of the old rows.
 
     Returns the new tokens' ids."""
-    specials = [IMAGE_TOKEN]
+    specials = [IMAGE_TOKEN] + ([VIDEO_TOKEN] if video else [])
     if tokenizer.pad_token is None:
         specials.append(PAD_TOKEN)
     tokenizer.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
@@ -126,7 +129,8 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
              vision_feature_select: str, components: dict, projector_weights: dict | None = None,
              image_token: str = IMAGE_TOKEN, image_token_id: int | None = None, image_aspect: str = "resize",
              image_tokens: str = "base", tokenization: str = "llm", chat_template: str | None = None,
-             attn_implementation: str | None = None, generation_config=None):
+             attn_implementation: str | None = None, generation_config=None, video_token: str = VIDEO_TOKEN,
+             video_token_id: int | None = None):
     """(model, processor) from loaded parts: the vision `tower`, a causal `lm` whose tokenizer already has
     `image_token`, and their processors.
 
@@ -136,6 +140,8 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
     tokenizer's pad token."""
     if image_token_id is None:
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if video_token_id is None and image_tokens == "anyres_max":  # videos only under OneVision's policy
+        video_token_id = token_id_or_none(tokenizer, video_token)
     config = LlavakitConfig(
         vision_config=tower.config,
         text_config=lm.config,
@@ -145,6 +151,7 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
         vision_prefix_tokens=count_prefix_tokens(tower, tower.config),
         image_tokens=image_tokens,
         image_token_id=image_token_id,
+        video_token_id=video_token_id if image_tokens == "anyres_max" else None,
         pad_token_id=tokenizer.pad_token_id,
         components=components,
     )
@@ -182,5 +189,6 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
     model.generation_config = generation_config
     processor = LlavakitProcessor(image_processor, tokenizer, image_token=image_token,
                                   image_seq_length=config.image_seq_length, image_aspect=image_aspect,
-                                  chat_template=chat_template, tokenization=tokenization, image_tokens=image_tokens)
+                                  chat_template=chat_template, tokenization=tokenization, image_tokens=image_tokens,
+                                  video_token=video_token)
     return model, processor

@@ -1,9 +1,9 @@
 """Assemble a new LLaVA model from pretrained components, and open a saved one.
 
 `build` is LLaVA's "surgery" done once and checked: load the vision encoder and the LLM by hub id or
-path through the Auto classes, add `<image>` (and a pad token when the tokenizer has none), grow the
-embeddings with the new rows set to the mean of the old ones, put a fresh projector between them,
-and refuse to continue if any component weight is missing or unexpected.
+path through the Auto classes, add `<image>` (`<video>` too for an ``anyres_max`` model, and a pad token when the
+tokenizer has none), grow the embeddings with the new rows set to the mean of the old ones, put a fresh projector
+between them, and refuse to continue if any component weight is missing or unexpected.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
     lm = load_language_model(llm, dtype=dtype, quantization_config=llm_quantization_config, **llm_kwargs)
     tokenizer = load_tokenizer(llm, **{k: v for k, v in llm_kwargs.items() if k != "quantization_config"})
     image_processor = AutoImageProcessor.from_pretrained(vision, **vision_kwargs)
-    add_image_tokens(tokenizer, lm)
+    add_image_tokens(tokenizer, lm, video=image_tokens == "anyres_max")  # OneVision's policy takes videos too
     tokenizer.padding_side = "left"  # the processor serves generation; training collators pad themselves
     model, processor = assemble(
         tower, lm, tokenizer, image_processor, projector=projector, vision_feature_layer=vision_feature_layer,

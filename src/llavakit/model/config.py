@@ -61,6 +61,9 @@ class LlavakitConfig(PreTrainedConfig):
     # of grid features an image keeps before they are interpolated down.
     anyres_max_tiles: int = 9
     image_token_id: int | None = None
+    # anyres_max only: the id of the `<video>` placeholder (OneVision's video rule, `llavakit.model.video`); None =
+    # the model takes no videos (every other policy, and anyres_max models built before video support)
+    video_token_id: int | None = None
     pad_token_id: int | None = None
     # {"vision": id_or_path, "llm": id_or_path} the model was assembled from.
     components: dict | None = None

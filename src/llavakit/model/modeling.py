@@ -8,7 +8,9 @@ every ``<image>`` into as many placeholder ids as the image has features (`Llava
 in text order. Under ``unpad`` / ``anyres`` / ``anyres_max`` the per-image features are cut (and, for the tiled
 policies, laid out with row newlines; anyres_max also shrinks big grids and gives the images of multi-image
 samples their base tile only, from ``batch_num_images``) from ``image_sizes`` by `select_image_features`, by the
-same rules the processor counts with.
+same rules the processor counts with. Videos (``anyres_max`` + a ``<video>`` token: ``pixel_values_videos``
+[V, F, 3, H, W], ``video_num_frames`` [V]) become per-frame features, 2x2-pooled, one newline per video
+(`llavakit.model.video`), scattered over the ``<video>`` placeholders the same guarded way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 
 from .anyres import ImageNewline, anyres_features, num_tiles
 from .onevision import anyres_max_features, tiled_images
+from .video import frames_of, video_features
 from .config import TILED_POLICIES, LlavakitConfig
 from .loss import linear_cross_entropy_sum
 from .projectors import build_projector
@@ -75,14 +78,14 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
 
     # --- generation -----------------------------------------------------------------------------
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, never emitting the image placeholder: its embedding row is the mean
+        """`GenerationMixin.generate`, never emitting the image (or video) placeholder: its embedding row is the mean
         of all rows, so sampling could pick it, and the next step would then expect image features that
         do not exist. It is added to `suppress_tokens` (the caller's own are kept)."""
-        image_token_id = self.config.image_token_id
-        if image_token_id is not None:
+        placeholders = [t for t in (self.config.image_token_id, self.config.video_token_id) if t is not None]
+        if placeholders:
             config = kwargs.get("generation_config") or self.generation_config
             given = kwargs.get("suppress_tokens", getattr(config, "suppress_tokens", None)) or []
-            kwargs["suppress_tokens"] = list(dict.fromkeys([*given, image_token_id]))
+            kwargs["suppress_tokens"] = list(dict.fromkeys([*given, *placeholders]))
         return super().generate(*args, **kwargs)
 
     # --- vision ---------------------------------------------------------------------------------
@@ -166,20 +169,34 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
                                     self.config.anyres_max_tiles)
                 for f, (w, h), t in zip(tile_features.split(counts), image_sizes.tolist(), tiled)]
 
-    def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features):
-        """Write image features over the placeholder positions, in order (one masked_scatter).
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_num_frames=None) -> list:
+        """[V, F, 3, H, W] frames (each video's first ``video_num_frames[v]`` real, None = all F) -> per-video
+        tokens [F_v * p*p + 1, D_llm]: tower + projector per frame, 2x2 pooled, one newline (`model.video`)."""
+        if self.config.image_tokens != "anyres_max" or self.config.video_token_id is None:
+            raise ValueError("videos need an image_tokens='anyres_max' model with a <video> token (LLaVA-OneVision's "
+                             f"video rule); this one has image_tokens={self.config.image_tokens!r}, video_token_id="
+                             f"{self.config.video_token_id}: build one with llavakit.build(..., image_tokens="
+                             "'anyres_max') or import a llava-onevision checkpoint")
+        frames, counts = frames_of(pixel_values_videos, video_num_frames)
+        newline = self.multi_modal_projector.image_newline.weight
+        return [video_features(f, newline) for f in self.get_image_features(frames).split(counts)]
+
+    def splice(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features, kind: str = "image"):
+        """Write image (``kind="video"``: video) features over their placeholder positions, in order (one
+        masked_scatter).
 
         `image_features`: [N_img, T, D], or a list of per-image [T_i, D] (counts may differ)."""
-        mask = input_ids == self.config.image_token_id  # [B, L]
+        token_id = self.config.video_token_id if kind == "video" else self.config.image_token_id
+        mask = input_ids == token_id  # [B, L]
         n_slots = int(mask.sum())
         per_image = [f.shape[0] for f in image_features] if isinstance(image_features, (list, tuple)) \
             else [image_features.shape[1]] * image_features.shape[0]
         if n_slots != sum(per_image):
             raise ValueError(
-                f"image placeholders and image features do not match: the text has {n_slots} placeholder "
-                f"tokens, the images give {sum(per_image)} features ({len(per_image)} image(s) with "
-                f"{per_image} features each). Each <image> must be expanded by the processor to its own "
-                "count (processor.image_token_counts), with exactly one image per <image>."
+                f"{kind} placeholders and {kind} features do not match: the text has {n_slots} placeholder "
+                f"tokens, the {kind}s give {sum(per_image)} features ({len(per_image)} {kind}(s) with "
+                f"{per_image} features each). Each <{kind}> must be expanded by the processor to its own "
+                f"count (processor.{kind}_token_counts), with exactly one {kind} per <{kind}>."
             )
         if isinstance(image_features, (list, tuple)):
             feats = torch.cat(list(image_features), dim=0) if image_features else inputs_embeds.new_zeros(0, 1)
@@ -191,11 +208,13 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None, past_key_values=None,
               vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-              batch_num_images=None) -> torch.Tensor:
-        """Token embeddings with image features spliced in: [B, L, D_llm].
+              batch_num_images=None, pixel_values_videos: torch.Tensor | None = None,
+              video_num_frames=None) -> torch.Tensor:
+        """Token embeddings with image (and video) features spliced in: [B, L, D_llm].
 
         Images come as `pixel_values`, as cached tower outputs `vision_features` (before the
-        projector, e.g. from a stage-1 feature cache), or as ready `image_features`.
+        projector, e.g. from a stage-1 feature cache), or as ready `image_features`; videos as
+        `pixel_values_videos` [V, F, 3, H, W] with `video_num_frames` [V] (`get_video_features`).
         """
         inputs_embeds = self.get_input_embeddings()(input_ids)
         anyres = self.config.image_tokens in TILED_POLICIES
@@ -211,10 +230,21 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             image_features = self.multi_modal_projector(vision_features.to(inputs_embeds.dtype))
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.get_image_features(pixel_values)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        videos = pixel_values_videos is not None and pixel_values_videos.shape[0] > 0
         if image_features is not None:
             if self.config.image_tokens != "base" and not isinstance(image_features, (list, tuple)):
                 image_features = self.select_image_features(image_features, image_sizes, batch_num_images)
-            return self.splice(input_ids, inputs_embeds, image_features)
+            inputs_embeds = self.splice(input_ids, inputs_embeds, image_features)
+        elif prefill:
+            self._no_placeholders(input_ids, "image")
+        if videos:
+            inputs_embeds = self.splice(input_ids, inputs_embeds, self.get_video_features(
+                pixel_values_videos, video_num_frames), kind="video")
+        elif prefill:
+            self._no_placeholders(input_ids, "video")
+        if image_features is not None or videos:
+            return inputs_embeds
         if self.training and _distributed():
             # A batch without images on one rank while another rank's has some: sharded modules (FSDP,
             # DeepSpeed ZeRO-3) gather their weights collectively in forward, so every rank must run the
@@ -229,14 +259,16 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             if anyres:  # the newline too: every trainable weight takes part on every rank
                 blank = blank.sum() + self.multi_modal_projector.image_newline.weight.sum()
             inputs_embeds = inputs_embeds + 0.0 * blank.sum().to(inputs_embeds.dtype)
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        if prefill and bool((input_ids == self.config.image_token_id).any()):
-            n = int((input_ids == self.config.image_token_id).sum())
-            raise ValueError(
-                f"image placeholders and image features do not match: the text has {n} placeholder "
-                "tokens but no pixel_values were given"
-            )
         return inputs_embeds
+
+    def _no_placeholders(self, input_ids: torch.Tensor, kind: str) -> None:
+        """At prefill, a text with image (video) placeholders but no images (videos) is an error."""
+        token_id = self.config.video_token_id if kind == "video" else self.config.image_token_id
+        n = int((input_ids == token_id).sum()) if token_id is not None else 0
+        if n:
+            given = "pixel_values_videos" if kind == "video" else "pixel_values"
+            raise ValueError(f"{kind} placeholders and {kind} features do not match: the text has {n} placeholder "
+                             f"tokens but no {given} were given")
 
     def forward(
         self,
@@ -256,6 +288,8 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
         cache=None,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_num_frames: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM outputs. With `labels` and `supervised_logits_only=True` the LM head runs only
@@ -272,7 +306,7 @@ class LlavakitForConditionalGeneration(LlavakitPreTrainedModel, GenerationMixin)
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_features, cache, vision_features, image_sizes,
-                                       batch_num_images)
+                                       batch_num_images, pixel_values_videos, video_num_frames)
         if use_cache is None and cache is None and (
                 self.training or (attention_mask is None and position_ids is not None)):
             # No KV cache in training, and none for padding-free packed rows: transformers only

@@ -24,6 +24,12 @@ Token policies (``image_tokens``, recorded with the model config too):
   unless ``batch_num_images`` (images per sample, transformers' name) says otherwise; ``__call__`` counts them
   per text and returns ``batch_num_images`` for the model.
 
+Videos (``anyres_max`` models with a ``<video>`` token: LLaVA-OneVision's rule, `llavakit.model.video`): each
+``<video>`` marker takes one video (a file path or a list of frames), sampled to at most ``video_max_frames``
+frames (and ``video_fps`` per second when set, `llavakit.data.video`), each frame one base tile; the marker
+becomes ``frames * ceil(g/2)**2 + 1`` ``<video>`` ids. ``__call__`` returns ``pixel_values_videos``
+[V, max frames, 3, H, W] (zero frames after a shorter video's own) and ``video_num_frames`` [V].
+
 ``tokenization`` records how the checkpoint was trained to see text (`llavakit.data.tokenize`):
 ``llm`` and ``text`` tokenize a text in one piece (with ``add_special_tokens`` as given), ``llava``
 tokenizes the chunks between images separately, as original LLaVA's ``tokenizer_image_token``.
@@ -39,13 +45,21 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from llavakit.data.conversation import IMAGE_MARKER
+from llavakit.data.video import DEFAULT_MAX_FRAMES, VIDEO_MARKER, check_max_frames, load_video
 from llavakit.model.anyres import anyres_tiles, anyres_token_count, check_grid_pinpoints, unpadded_extent
 from llavakit.model.config import IMAGE_TOKEN_POLICIES, TILED_POLICIES
 from llavakit.model.onevision import anyres_max_token_count, check_max_tiles, policy_grid_pinpoints, tiled_images
+from llavakit.model.video import frame_tiles, stack_videos, video_token_count
 from llavakit.data.tokenize import (LEGACY_TOKENIZATION, added_special_ids, check_tokenization,
                                     expand_image_tokens)
 
 IMAGE_ASPECTS = ("resize", "pad")
+
+
+def token_id_or_none(tokenizer, token: str) -> int | None:
+    """The id of `token` in `tokenizer`, None when it does not have it (not the unknown token's id)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return None if tid is None or tid == tokenizer.unk_token_id else int(tid)
 
 
 def unpadded_box(width: int, height: int, grid: int) -> tuple[int, int, int, int]:
@@ -96,7 +110,9 @@ class LlavakitProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_MARKER,
                  image_seq_length: int = 1, image_aspect: str = "resize", template: str | None = None,
                  tokenization: str = LEGACY_TOKENIZATION, image_tokens: str = "base",
-                 image_grid_pinpoints: list[list[int]] | None = None, anyres_max_tiles: int = 9, **kwargs):
+                 image_grid_pinpoints: list[list[int]] | None = None, anyres_max_tiles: int = 9,
+                 video_token: str = VIDEO_MARKER, video_max_frames: int = DEFAULT_MAX_FRAMES,
+                 video_fps: float | None = None, **kwargs):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect={image_aspect!r} is not one of {list(IMAGE_ASPECTS)}")
         if image_tokens not in IMAGE_TOKEN_POLICIES:
@@ -119,6 +135,10 @@ class LlavakitProcessor(ProcessorMixin):
         # anyres_max: OneVision's N, the most tiles' worth of grid features an image keeps (`model.onevision`)
         self.anyres_max_tiles = check_max_tiles(anyres_max_tiles)
         self.image_tokens = image_tokens
+        # videos (anyres_max): the marker / placeholder token, and how many frames a video keeps (`data.video`)
+        self.video_token = video_token
+        self.video_max_frames = check_max_frames(video_max_frames)
+        self.video_fps = video_fps
         self.tokenization = check_tokenization(tokenization)
         self.image_token = image_token
         self.image_seq_length = int(image_seq_length)
@@ -130,6 +150,7 @@ class LlavakitProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; build the model with llavakit.build")
+        self.video_token_id = token_id_or_none(tokenizer, video_token) if image_tokens == "anyres_max" else None
 
     # --- token counts: the processor owns them ------------------------------------------------------
     @property
@@ -181,6 +202,55 @@ class LlavakitProcessor(ProcessorMixin):
         alone = self.image_tokens != "anyres_max" or len(images) == 1  # else each gets base tile + newline
         return [self.num_image_tokens(size, tiled=alone) for size in sizes]
 
+    # --- videos ---------------------------------------------------------------------------------
+    def check_videos(self) -> None:
+        """ValueError unless this processor takes videos (anyres_max with a ``<video>`` token)."""
+        if self.image_tokens != "anyres_max" or self.video_token_id is None:
+            raise ValueError(f"videos need image_tokens='anyres_max' and a {self.video_token!r} token in the tokenizer "
+                             f"(LLaVA-OneVision's video rule); this processor has image_tokens={self.image_tokens!r}"
+                             f", video token id {self.video_token_id}: "
+                             "build the model with llavakit.build(..., image_tokens='anyres_max')")
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Placeholder ids of one video of `num_frames` (sampled) frames: frames * ceil(g/2)**2 + 1."""
+        return video_token_count(num_frames, feature_grid(self.image_seq_length))
+
+    def video_token_counts(self, videos: Sequence) -> list[int]:
+        """One count per video: a frame count (already sampled), a list of frames (sampled here), a tensor
+        [F, 3, H, W], or a file path (its metadata only: `read_video` may find fewer frames in a file whose
+        metadata overstates them; `__call__` counts the frames it decoded)."""
+        from llavakit.data.video import probe_video, sampled_frame_count
+
+        def frames(v):
+            if isinstance(v, int):
+                return v
+            if torch.is_tensor(v):
+                return v.shape[0]
+            if isinstance(v, (list, tuple)):
+                return min(len(v), self.video_max_frames)
+            info = probe_video(v)
+            return sampled_frame_count(info.frames, self.video_max_frames, self.video_fps, info.fps)
+
+        self.check_videos()
+        return [self.num_video_tokens(frames(v)) for v in videos]
+
+    def load_videos(self, videos) -> list[list[Image.Image]]:
+        """Videos (module docstring) -> each one's sampled frames; one path or one list of PIL frames is one video."""
+        if videos is None:
+            return []
+        if isinstance(videos, (str, bytes)) or not isinstance(videos, Sequence) or \
+                (videos and all(isinstance(f, Image.Image) for f in videos)):
+            videos = [videos]
+        return [load_video(v, self.video_max_frames, self.video_fps) for v in videos]
+
+    def preprocess_videos(self, videos: Sequence[Sequence[Image.Image]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled frames of each video -> (pixel_values_videos [V, max F, 3, H, W], video_num_frames [V]); each
+        frame the whole frame resized to one tile, then the encoder's image processor (as a base tile)."""
+        resample = getattr(self.image_processor, "resample", None)
+        resample = Image.BICUBIC if resample is None else int(resample)
+        return stack_videos([self.image_processor(frame_tiles(v, self.tile_size, resample), return_tensors="pt")
+                             ["pixel_values"] for v in videos])
+
     # --- images ---------------------------------------------------------------------------------
     def _fill_colour(self) -> tuple[int, int, int]:
         mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
@@ -211,7 +281,8 @@ class LlavakitProcessor(ProcessorMixin):
 
     # --- text -----------------------------------------------------------------------------------
     def __call__(self, text=None, images=None, return_tensors=None, padding: bool = True,
-                 padding_side: str | None = None, add_special_tokens: bool = True, **kwargs) -> BatchFeature:
+                 padding_side: str | None = None, add_special_tokens: bool = True, videos=None,
+                 **kwargs) -> BatchFeature:
         if text is None:
             raise ValueError("LlavakitProcessor needs `text` (with one <image> per image)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -231,6 +302,16 @@ class LlavakitProcessor(ProcessorMixin):
         for row, n in zip(ids, per_text):
             rows.append(expand_image_tokens(row, self.image_token_id, self.image_token_counts(flat_images[at:at + n])))
             at += n
+        videos = self.load_videos(videos)
+        per_text_videos = [t.count(self.video_token) for t in texts]
+        if sum(per_text_videos) != len(videos):
+            raise ValueError(f"the text has {sum(per_text_videos)} {self.video_token} marker(s) but {len(videos)} "
+                             "video(s) were given; put exactly one marker where each video belongs")
+        if videos:
+            self.check_videos()
+            counts = [self.num_video_tokens(len(v)) for v in videos]
+            rows = [expand_image_tokens(row, self.video_token_id, counts[sum(per_text_videos[:k]):])
+                    for k, row in enumerate(rows)]
         ids = rows
         data = self.pad(ids, padding_side=padding_side) if padding else {"input_ids": ids}
         if flat_images:
@@ -239,6 +320,8 @@ class LlavakitProcessor(ProcessorMixin):
                 data["image_sizes"] = self.image_sizes(flat_images)
             if self.image_tokens == "anyres_max":  # which images are alone in their sample (transformers' name)
                 data["batch_num_images"] = per_text
+        if videos:
+            data["pixel_values_videos"], data["video_num_frames"] = self.preprocess_videos(videos)
         if return_tensors not in (None, "pt"):
             raise ValueError("LlavakitProcessor returns PyTorch tensors only (return_tensors='pt')")
         if return_tensors == "pt" and not padding and len(ids) > 1:
