@@ -19,6 +19,7 @@ from ..model.anyres import check_grid_pinpoints
 from ..model.assemble import assemble, check_loading, count_prefix_tokens
 from ..model.config import parse_dtype
 from ..model.onevision import parse_vision_aspect_ratio
+from ..model.processor import token_id_or_none
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def import_hf_llava_onevision(path: str | Path, dtype: torch.dtype | str | None 
                               attn_implementation: str | None = None, **hub_kwargs):
     """Open a llava-hf LLaVA-OneVision checkpoint (`LlavaOnevisionForConditionalGeneration`) as an ``image_tokens:
     anyres_max`` llavakit (model, processor) pair: its pinpoints, its ``vision_aspect_ratio`` "anyres_max_N" as
-    ``anyres_max_tiles`` N, its ``image_newline``. Only images are read: video needs a llavakit video policy."""
+    ``anyres_max_tiles`` N, its ``image_newline``, and its ``video_token_index`` (when the tokenizer has the video
+    token) for videos (`llavakit.model.video`)."""
     return _import(LlavaOnevisionForConditionalGeneration, path, dtype, device_map, attn_implementation, hub_kwargs)
 
 
@@ -81,7 +83,8 @@ POLICIES = {LlavaForConditionalGeneration: "base", LlavaNextForConditionalGenera
 def onevision_processor_parts(path, hub_kwargs: dict) -> SimpleNamespace:
     """A OneVision folder's tokenizer, image processor and processor_config.json fields (image_token,
     vision_aspect_ratio, chat_template), read one by one: transformers builds a `LlavaOnevisionProcessor` only
-    with its video processor, which needs torchvision (llavakit reads images only)."""
+    with its video processor, which needs torchvision (llavakit preprocesses video frames with the image processor's
+    settings)."""
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import cached_file
 
@@ -91,6 +94,7 @@ def onevision_processor_parts(path, hub_kwargs: dict) -> SimpleNamespace:
     fields = json.loads(Path(found).read_text(encoding="utf-8")) if found else {}
     return SimpleNamespace(tokenizer=tokenizer, image_processor=image_processor,
                            image_token=fields.get("image_token", "<image>"),
+                           video_token=fields.get("video_token", "<video>"),
                            vision_aspect_ratio=fields.get("vision_aspect_ratio", "anyres_max_9"),
                            chat_template=fields.get("chat_template") or tokenizer.chat_template)
 
@@ -145,7 +149,13 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
                              f"differ from the model's {pinpoints}")
         image_processor = _tile_image_processor(image_processor)
         projector_weights["image_newline.weight"] = hf.model.image_newline
+    video = {}
     if policy == "anyres_max":
+        video_id = token_id_or_none(tokenizer, hp.video_token)  # None: the tokenizer has no video token, no videos
+        if video_id is not None and video_id != hf_cfg.video_token_id:
+            raise ValueError(f"{path}: the tokenizer's {hp.video_token!r} is id {video_id}, the model's "
+                             f"video_token_index is {hf_cfg.video_token_id}")
+        video = {"video_token": hp.video_token, "video_token_id": video_id}
         max_tiles = parse_vision_aspect_ratio(hf_cfg.vision_aspect_ratio)
         if parse_vision_aspect_ratio(hp.vision_aspect_ratio) != max_tiles:
             raise ValueError(f"{path}: the processor's vision_aspect_ratio {hp.vision_aspect_ratio!r} differs from the "
@@ -167,7 +177,7 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
         image_token=hp.image_token, image_token_id=hf_cfg.image_token_id, image_aspect=aspect,
         components={"hf-llava": str(path)}, chat_template=hp.chat_template,
         attn_implementation=hf_cfg._attn_implementation, generation_config=hf.generation_config,
-        tokenization="llm")  # LlavaProcessor: one string, bos by the tokenizer
+        tokenization="llm", **video)  # LlavaProcessor: one string, bos by the tokenizer
     if next_:  # assemble gives the encoder-size defaults; the checkpoint's own pinpoints win
         model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
     if policy == "anyres_max":

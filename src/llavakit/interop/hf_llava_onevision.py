@@ -9,11 +9,16 @@ encoder's processor is PIL, torchvision otherwise) with the encoder's resize/nor
 pinpoints, so transformers cuts the same tiles, shrinks the same grids and counts the same tokens as llavakit
 (`llavakit.model.onevision`).
 
+Videos: the config's ``video_token_index`` is the model's ``<video>`` id (`llavakit.model.video`: per-frame features
+2x2-pooled, one newline per video, as transformers' ``get_video_features``). A model without a ``<video>`` token
+(built before video support) gets an id no token has (the text vocabulary's size), so nothing is taken for a video.
+
 transformers builds a `LlavaOnevisionProcessor` only with a video processor, and video processors need
 torchvision, which llavakit does not; so the processor's files are written directly (`OnevisionProcessorFiles`):
 ``processor_config.json`` (processor_class LlavaOnevisionProcessor, num_image_tokens, vision_aspect_ratio, ...),
-the image processor's ``preprocessor_config.json``, the tokenizer and the chat template. transformers' video
-processor falls back to ``preprocessor_config.json`` when it loads the folder (llavakit has no video policy yet).
+the image processor's ``preprocessor_config.json``, ``video_preprocessor_config.json`` (LlavaOnevisionVideoProcessor:
+each frame resized to the tower's square input, the encoder's normalisation; frames given already sampled), the
+tokenizer and the chat template.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ def hf_llava_onevision_config(config: LlavakitConfig, dtype: torch.dtype | None 
         vision_config=vision,
         text_config=text,
         image_token_index=int(config.image_token_id),
+        # no <video> token: an id no token has, so no text position is ever taken for a video
+        video_token_index=int(config.video_token_id if config.video_token_id is not None else
+                              config.text_config.vocab_size),
         projector_hidden_act=act,
         vision_feature_select_strategy=strategy,
         vision_feature_layer=config.vision_feature_layer,
@@ -75,9 +83,11 @@ class OnevisionProcessorFiles:
 
     processor_class = "LlavaOnevisionProcessor"
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None, fields: dict):
+    def __init__(self, image_processor, tokenizer, chat_template: str | None, fields: dict,
+                 video_fields: dict | None = None):
         self.image_processor, self.tokenizer, self.chat_template, self.fields = \
             image_processor, tokenizer, chat_template, dict(fields)
+        self.video_fields = video_fields  # video_preprocessor_config.json's fields (None: not written)
 
     def save_pretrained(self, out: str | Path) -> None:
         out = Path(out)
@@ -86,6 +96,11 @@ class OnevisionProcessorFiles:
         data = json.loads(image_cfg.read_text(encoding="utf-8"))
         data["processor_class"] = self.processor_class  # as llava-hf's hub checkpoints have it
         image_cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if self.video_fields is not None:
+            video = {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": self.processor_class,
+                     **self.video_fields}
+            (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n",
+                                                                encoding="utf-8")
         self.tokenizer.save_pretrained(out)
         if self.chat_template is not None:
             (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
@@ -105,8 +120,9 @@ def hf_llava_onevision_processor(processor: LlavakitProcessor, config: LlavakitC
             LlavaOnevisionImageProcessorPil as cls
     else:
         from transformers import LlavaOnevisionImageProcessor as cls
+    ip_fields = image_processor_fields(processor, config)
     image_processor = cls(image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints], do_pad=True,
-                          **image_processor_fields(processor, config))
+                          **ip_fields)
     strategy, additional = select_strategy(config)
     tokenizer = copy.deepcopy(processor.tokenizer)
     template = chat_template_for(processor)
@@ -114,9 +130,17 @@ def hf_llava_onevision_processor(processor: LlavakitProcessor, config: LlavakitC
     # OneVision counts the base tile's tokens as the tower emits them, then drops one under "default" (CLS)
     num_image_tokens = config.patch_grid ** 2 + additional
     fields = {"num_image_tokens": num_image_tokens, "vision_feature_select_strategy": strategy,
-              "image_token": processor.image_token, "video_token": "<video>",
+              "image_token": processor.image_token, "video_token": processor.video_token,
               "vision_aspect_ratio": vision_aspect_ratio(config.anyres_max_tiles)}
-    return OnevisionProcessorFiles(image_processor, tokenizer, template, fields)
+    video = None
+    if config.video_token_id is not None:  # each frame = the whole frame resized to one tile (`model.video`)
+        tile = int(config.vision_config.image_size)
+        video = {k: v for k, v in ip_fields.items() if k in ("resample", "do_rescale", "rescale_factor", "do_normalize",
+                                                             "image_mean", "image_std", "do_convert_rgb")}
+        video.update(do_resize=True, size={"height": tile, "width": tile}, do_center_crop=False,
+                     do_sample_frames=False)
+        video = json.loads(json.dumps(video, default=lambda o: int(o) if hasattr(o, "__int__") else str(o)))
+    return OnevisionProcessorFiles(image_processor, tokenizer, template, fields, video)
 
 
 def export_hf_llava_onevision(model: LlavakitForConditionalGeneration, processor: LlavakitProcessor, out: str | Path,
