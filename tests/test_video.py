@@ -209,6 +209,7 @@ def test_video_errors(video_built, tiny_built):
         base_processor(text="<video> x", videos=[_frames(2, (9, 9))])
     with pytest.raises(ValueError, match="anyres_max"):
         base_model.get_video_features(inputs["pixel_values_videos"])
+    assert "pixel_values_videos" not in base_processor(text="<video> is plain text here")  # no video token
     # the <video> marker in a conversation is the video, not special-token text to escape
     assert "<video>" not in special_texts(processor.tokenizer) and "<image>" not in special_texts(processor.tokenizer)
 

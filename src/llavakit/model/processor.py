@@ -222,10 +222,8 @@ class LlavakitProcessor(ProcessorMixin):
         from llavakit.data.video import probe_video, sampled_frame_count
 
         def frames(v):
-            if isinstance(v, int):
-                return v
-            if torch.is_tensor(v):
-                return v.shape[0]
+            if isinstance(v, int) or torch.is_tensor(v):
+                return v if isinstance(v, int) else v.shape[0]
             if isinstance(v, (list, tuple)):
                 return min(len(v), self.video_max_frames)
             info = probe_video(v)
@@ -303,12 +301,13 @@ class LlavakitProcessor(ProcessorMixin):
             rows.append(expand_image_tokens(row, self.image_token_id, self.image_token_counts(flat_images[at:at + n])))
             at += n
         videos = self.load_videos(videos)
-        per_text_videos = [t.count(self.video_token) for t in texts]
+        if videos:  # without a video token "<video>" is plain text; with one, each marker needs a video
+            self.check_videos()
+        per_text_videos = [t.count(self.video_token) if self.video_token_id is not None else 0 for t in texts]
         if sum(per_text_videos) != len(videos):
             raise ValueError(f"the text has {sum(per_text_videos)} {self.video_token} marker(s) but {len(videos)} "
                              "video(s) were given; put exactly one marker where each video belongs")
         if videos:
-            self.check_videos()
             counts = [self.num_video_tokens(len(v)) for v in videos]
             rows = [expand_image_tokens(row, self.video_token_id, counts[sum(per_text_videos[:k]):])
                     for k, row in enumerate(rows)]
