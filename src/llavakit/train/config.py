@@ -28,7 +28,14 @@ class ModelConfig:
     vision_feature_layer: int | list[int] = -2
     vision_feature_select: str = "patch"
     image_aspect: str = "resize"  # "pad" = LLaVA's expand-to-square
-    image_tokens: str = "base"  # "unpad" = drop the features over the padding (needs image_aspect "pad")
+    # "base" | "unpad" (drop the features over the padding; needs image_aspect "pad") | "anyres" (LLaVA-NeXT's
+    # tiles) | "anyres_max" (LLaVA-OneVision's anyres_max_N); see docs/interop.md
+    image_tokens: str = "base"
+    # anyres / anyres_max: [[height, width], ...] px the tile grid may take, each a multiple of the encoder's
+    # input size (None = the policy's default: LLaVA-NeXT's 5 grids / OneVision's 1x1..6x6 tiles)
+    image_grid_pinpoints: list[list[int]] | None = None
+    # anyres_max: OneVision's N, the most base tiles' worth of grid features an image keeps (None = 9)
+    anyres_max_tiles: int | None = None
     # Start from: a stage-1 run dir (projector weights only), a llavakit model dir, or an
     # llava-hf / original-LLaVA checkpoint. vision/llm are then taken from it.
     init_from: str | None = None
@@ -197,6 +204,38 @@ def apply_override(tree: dict, override: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
 
 
+def check_image_policy(m: ModelConfig) -> None:
+    """`model.image_tokens` / `image_grid_pinpoints` / `anyres_max_tiles`: known values that fit together (the
+    pinpoints' multiple-of-the-tile check needs the encoder, `recipes.apply_image_policy` does it)."""
+    from llavakit.model.config import IMAGE_TOKEN_POLICIES, TILED_POLICIES
+
+    if m.image_tokens not in IMAGE_TOKEN_POLICIES:
+        raise ConfigError(f"model.image_tokens={m.image_tokens!r} is not one of {list(IMAGE_TOKEN_POLICIES)}")
+    tiled = m.image_tokens in TILED_POLICIES
+    if tiled and m.image_aspect != "resize":
+        raise ConfigError(f"model.image_tokens={m.image_tokens!r} tiles the image itself (its base tile is the whole "
+                          f"image resized): set model.image_aspect: resize (got {m.image_aspect!r})")
+    pins = m.image_grid_pinpoints
+    if pins is not None:
+        if not tiled:
+            raise ConfigError(f"model.image_grid_pinpoints is only used with model.image_tokens anyres or anyres_max "
+                              f"(got image_tokens {m.image_tokens!r}); remove it or choose a tiled policy")
+        pairs = isinstance(pins, list) and pins and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 and v > 0 for v in p) for p in pins)
+        if not pairs:
+            raise ConfigError(f"model.image_grid_pinpoints={pins!r} must be a non-empty list of [height, width] "
+                              "pairs of positive integers (px, each a multiple of the encoder's input size), "
+                              "e.g. [[384, 768], [768, 384], [768, 768]]")
+    n = m.anyres_max_tiles
+    if n is not None:
+        if m.image_tokens != "anyres_max":
+            raise ConfigError(f"model.anyres_max_tiles is only used with model.image_tokens anyres_max (got "
+                              f"{m.image_tokens!r}); remove it or set image_tokens: anyres_max")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"model.anyres_max_tiles={n!r} must be a positive integer (OneVision's anyres_max_9: 9)")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     t, d = cfg.train, cfg.data
     if isinstance(t.resume_allow, str):  # --train.resume_allow=max_steps,lr
@@ -229,6 +268,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    check_image_policy(cfg.model)
     from llavakit.data.mixture import check_train_entries
     from llavakit.data.sources import DataSourceError
 

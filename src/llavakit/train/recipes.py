@@ -80,7 +80,7 @@ def assemble(cfg: RunConfig):
     if quant is not None:
         build_kwargs["llm_quantization_config"] = quant
     if m.init_from is None:
-        return build(m.vision, m.llm, **build_kwargs)
+        return apply_image_policy(*build(m.vision, m.llm, **build_kwargs), m)
     src = Path(m.init_from)
     if is_stage1_run(src):
         # Stage 2 from stage 1: same components, projector weights from the stage-1 run.
@@ -88,14 +88,41 @@ def assemble(cfg: RunConfig):
         for key in ("projector", "vision_feature_layer", "vision_feature_select"):  # must match the weights
             build_kwargs[key] = prev[key]
         model, processor = build(m.vision or prev["vision"], m.llm or prev["llm"], **build_kwargs)
+        apply_image_policy(model, processor, m)
         load_projector(model, src / PROJECTOR_FILE)
         return model, processor
     if (src / "config.json").is_file():
-        return llavakit.load(src, dtype=m.dtype, attn_implementation=m.attn_implementation)
+        model, processor = llavakit.load(src, dtype=m.dtype, attn_implementation=m.attn_implementation)
+        have = getattr(model.config, "image_tokens", "base")
+        if m.image_tokens != "base" and m.image_tokens != have:
+            raise ConfigError(f"model.image_tokens={m.image_tokens!r}, but {src} is an image_tokens: {have} model "
+                              "(its weights fix the policy: a tiled policy needs the row newline). Remove the key, or "
+                              "start from a stage-1 run directory, which may change the policy")
+        return apply_image_policy(model, processor, m) if have == m.image_tokens else (model, processor)
     raise ConfigError(
         f"model.init_from={src} is neither a stage-1 run directory (with {PROJECTOR_FILE} and config.yaml) "
         "nor a model directory with config.json"
     )
+
+
+def apply_image_policy(model, processor, m):
+    """Give the model config and the processor ``model.image_grid_pinpoints`` / ``model.anyres_max_tiles`` when
+    the recipe sets them (else the policy's defaults stay); both record them, so saved models keep them."""
+    from llavakit.model.anyres import check_grid_pinpoints
+
+    if m.image_grid_pinpoints is not None:
+        tile = int(model.config.vision_config.image_size)
+        try:
+            pins = check_grid_pinpoints(m.image_grid_pinpoints, tile)
+            if processor.tile_size != tile:
+                raise ValueError(f"the image processor's input size {processor.tile_size} differs from the "
+                                 f"encoder's {tile}")
+        except ValueError as e:
+            raise ConfigError(f"model.image_grid_pinpoints: {e}") from None
+        model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pins
+    if m.anyres_max_tiles is not None:
+        model.config.anyres_max_tiles = processor.anyres_max_tiles = int(m.anyres_max_tiles)
+    return model, processor
 
 
 # A projector without it is a base-policy stage 1's: a tiled (anyres / anyres_max) stage 2 starts from it, as
