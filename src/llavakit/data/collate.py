@@ -1,9 +1,10 @@
 """Batching: a padding collator and a padding-free packing collator.
 
 Both take `SupervisedDataset` items (``input_ids`` [L], ``labels`` [L], ``pixel_values`` [n,3,H,W] or
-None) and concatenate the images of the batch in sample order, which is the order their placeholders
-appear in the flattened ``input_ids``, so the model's single ``masked_scatter`` puts each image in its
-own sample.
+None, ``num_images``, ``image_sizes`` [n, 2] when counts depend on sizes) and concatenate the images of the
+batch in sample order, which is the order their placeholders appear in the flattened ``input_ids``, so the
+model's single ``masked_scatter`` puts each image in its own sample; ``batch_num_images`` [B] says how many
+images each sample has (`image_fields`).
 
 Packing (transformers 5.x): all samples go in one row [1, ΣL] with ``position_ids`` restarting at 0 per
 sample and *no* ``attention_mask``. transformers' ``masking_utils.find_packed_sequence_indices`` then
@@ -26,13 +27,30 @@ def _pixel_values(features: list[dict]) -> torch.Tensor | None:
     return torch.cat(pv, dim=0) if pv else None  # [N_img_total, 3, H, W]
 
 
+def num_images(item: dict) -> int | None:
+    """Images of one item: its ``num_images``, else the rows of its ``image_sizes``, else 0 for an item without
+    ``pixel_values``; None when it cannot be told (pixel rows are tiles under anyres, not images)."""
+    if item.get("num_images") is not None:
+        return int(item["num_images"])
+    if item.get("image_sizes") is not None:
+        return len(item["image_sizes"])
+    pv = item.get("pixel_values")
+    return 0 if pv is None or not len(pv) else None
+
+
 def image_fields(features: list[dict]) -> dict:
-    """``pixel_values`` [N_img_total, 3, H, W] and, when items carry them, ``image_sizes`` [N_img_total, 2],
-    concatenated in sample order (= placeholder order)."""
+    """``pixel_values`` [N_img_total, 3, H, W] (under anyres / anyres_max: every tile) and, when items carry them,
+    ``image_sizes`` [N_img_total, 2], concatenated in sample order (= placeholder order); and when the batch has
+    images, ``batch_num_images`` [B] (images per sample, in order, 0 for a text-only one: transformers'
+    LlavaOnevision name), which tells the model which images were alone in their sample (anyres_max tiles only
+    those; the processor counted them so)."""
     out = {}
     pv = _pixel_values(features)
     if pv is not None:
         out["pixel_values"] = pv
+        counts = [num_images(f) for f in features]
+        if None not in counts:
+            out["batch_num_images"] = torch.tensor(counts, dtype=torch.long)  # [B]
     sizes = [f["image_sizes"] for f in features if f.get("image_sizes") is not None and len(f["image_sizes"])]
     if sizes:
         out["image_sizes"] = torch.cat(sizes, dim=0)

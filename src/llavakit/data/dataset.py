@@ -77,6 +77,23 @@ def image_token_counts(conv: Conversation, processor, limits: ImageLimits | None
     return sizes, processor.image_token_counts(sizes)
 
 
+def encode_sample(conv: Conversation, processor, template: Template, max_length: int | None, overflow: str,
+                  limits: ImageLimits | None = None, memo: dict | None = None):
+    """(image sizes or None, `EncodedSample`) of one conversation with the processor's counts for the images that
+    *survive* truncation. Under ``anyres_max`` an image's count depends on how many images its sample has (base
+    tile + newline each when several): when truncation leaves one image of several, it is encoded again with
+    that image's single-image (tiled) count, so the model, told the sample has one image, produces exactly it."""
+    sizes, counts = image_token_counts(conv, processor, limits, memo)
+    enc = encode(conv, template, processor.tokenizer, processor.image_token_id, counts, max_length=max_length,
+                 overflow=overflow, tokenization=processor.tokenization)
+    if getattr(processor, "image_tokens", "base") == "anyres_max" and len(conv.images) > 1 and enc.num_images == 1:
+        counts = processor.image_token_counts(sizes[:1]) + list(counts[1:])  # the kept image, now alone: tiled
+        # longer than before, so at most that one image survives again, and its count is then right
+        enc = encode(conv, template, processor.tokenizer, processor.image_token_id, counts, max_length=max_length,
+                     overflow=overflow, tokenization=processor.tokenization)
+    return sizes, enc
+
+
 # --- encoding every sample, in worker processes when there are many --------------------------------
 _JOB: tuple | None = None  # (conversations, encode arguments) for forked workers; set only while a pool runs
 CHUNK = 2000  # samples per task of a worker process
@@ -90,9 +107,7 @@ def _encode_range(bounds: tuple[int, int]) -> list[tuple]:
     for pos in range(*bounds):
         conv = convs[pos]
         try:
-            sizes, counts = image_token_counts(conv, processor, limits, memo)
-            enc = encode(conv, template, processor.tokenizer, processor.image_token_id, counts,
-                         max_length=max_length, overflow=overflow, tokenization=processor.tokenization)
+            sizes, enc = encode_sample(conv, processor, template, max_length, overflow, limits, memo)
         except SampleError as e:  # returned, not raised: a worker's exception would lose its `problem`
             out.append((pos, None, e.problem, isinstance(e, OverlongError)))
             continue
@@ -137,7 +152,9 @@ def encode_all(conversations: Sequence[Conversation], processor, template: Templ
 
 
 class SupervisedDataset(Dataset):
-    """Items: ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n,3,H,W] | None}``.
+    """Items: ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n,3,H,W] | None,
+    "num_images": n}`` (+ ``"image_sizes"`` [n, 2] when counts depend on the image sizes; under anyres /
+    anyres_max ``pixel_values`` holds every tile of the sample's images).
 
     ``template`` is a `Template` or a template name (resolved with the processor's tokenizer).
     Samples that cannot be trained on are left out and listed in `report`; ``strict=True`` raises
@@ -231,8 +248,10 @@ class SupervisedDataset(Dataset):
                     raise SampleError.of(self.conversation(i), f"image {k} cannot be opened: {e}",
                                          getattr(e, "hint", "") or "fix or remove the image (run `llavakit data check`)"
                                          ) from e
-            pixel_values = self.processor.preprocess_images(images)  # [n, 3, H, W]
-        item = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+            # [n, 3, H, W]; tiled policies: [tiles of all n images, 3, H, W] (`images` are one sample)
+            pixel_values = self.processor.preprocess_images(images)
+        # num_images: the collators turn it into batch_num_images (images per sample), which anyres_max needs
+        item = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_images": self.num_images(i)}
         if self._with_sizes:
             item["image_sizes"] = self.image_sizes(i)
         return item

@@ -39,7 +39,8 @@ from .token_store import Strings, TokenStore
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when what the cache holds, or how the data is tokenized, changes
+CACHE_VERSION = 2  # bump when what the cache holds, or how the data is tokenized, changes (2: anyres_max
+# recounts an image left alone by truncation, `dataset.encode_sample`)
 ENV_DIR = "LLAVAKIT_DATA_CACHE"  # default cache folder for every run (data.cache_dir wins)
 MAGIC = b"LLKTOK01"
 ALIGN = 64
