@@ -177,9 +177,12 @@ class Generator:
         data = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         flat = [im for ims in images for im in ims]
         if flat:
-            data["pixel_values"] = proc.preprocess_images(flat)  # [N_img, 3, H, W], in text order
+            per_sample = [len(ims) for ims in images]  # anyres_max tiles an image only when alone in its prompt
+            # [N_img, 3, H, W] in text order (anyres / anyres_max: every tile of every image)
+            data["pixel_values"] = proc.preprocess_images(flat, batch_num_images=per_sample)
             if proc.counts_depend_on_size:
                 data["image_sizes"] = proc.image_sizes(flat)  # [N_img, 2]
+            data["batch_num_images"] = torch.tensor(per_sample, dtype=torch.long)  # [B], as the collators
         return BatchFeature(data).to(self.model.device)
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:
