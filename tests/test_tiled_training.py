@@ -392,3 +392,28 @@ def test_shipped_tiled_recipes_chain_and_fit_their_images():
     most_ov = max(anyres_max_token_count(w, h, onevision_grid_pinpoints(384), 384, 27, 9) for w, h in sizes)
     assert s2.data.max_length >= most_next + 256
     assert si.data.max_length >= most_ov + 256 and ov.data.max_length >= most_ov + 256
+
+
+@pytest.mark.parametrize("stage", ["stage2.yaml", "stage2_onevision_si.yaml", "stage3_onevision_ov.yaml"])
+def test_shipped_tiled_recipes_build_at_full_size_on_meta(stage):
+    """Each tiled stage's policy, pinpoints and N fit the published SigLIP-384 + Qwen2.5-0.5B shapes: the model
+    builds on the meta device (no weights) with its row newline in the projector."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from llavakit.model.config import LlavakitConfig
+    from llavakit.model.modeling import LlavakitForConditionalGeneration
+
+    m = load_config(CONFIGS / "qwen25_05b_siglip_anyres" / stage).model
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=384, patch_size=14)
+    llm = Qwen2Config(vocab_size=151936 + 1, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlavakitConfig(vision_config=vision, text_config=llm, image_tokens=m.image_tokens,
+                            image_grid_pinpoints=m.image_grid_pinpoints, anyres_max_tiles=m.anyres_max_tiles or 9,
+                            image_token_id=151936)
+    with torch.device("meta"):
+        model = LlavakitForConditionalGeneration(config)
+    assert model.multi_modal_projector.image_newline.weight.shape == (896,)
+    assert round(sum(p.numel() for p in model.language_model.parameters()) / 1e9, 2) == 0.49
+    assert config.image_seq_length == 729 and len(config.image_grid_pinpoints) == (5 if m.image_tokens == "anyres"
+                                                                                    else 36)
