@@ -323,6 +323,22 @@ def test_resumed_anyres_max_run_ends_with_the_weights_of_an_uninterrupted_one(ti
     assert worst < 1e-6, worst
 
 
+def test_lora_run_with_tiles_merges_into_a_model_with_its_policy_and_saved_newline(tiny_dirs, data, tmp_path):
+    from llavakit.train.merge import merge_lora
+
+    tree = _tree(tiny_dirs, data, tmp_path / "lora", "anyres_max", packing=True, stage="lora")
+    tree["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    run = run_training(load_config(base=tree))
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in read_losses(run / "losses.jsonl")])))
+    saved = load_file(str(run / "projector.safetensors"))
+    model, processor = merge_lora(run)
+    assert model.config.image_tokens == processor.image_tokens == "anyres_max"
+    assert model.config.image_grid_pinpoints == processor.image_grid_pinpoints == PINS
+    assert model.config.anyres_max_tiles == processor.anyres_max_tiles == 2
+    assert torch.equal(model.multi_modal_projector.image_newline.weight, saved["image_newline.weight"])
+    assert (run / "adapter" / "adapter_config.json").is_file()
+
+
 # --- generation ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", TILED)
 def test_batched_generation_equals_one_prompt_at_a_time(built, policy):
