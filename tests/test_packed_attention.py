@@ -14,7 +14,7 @@ from llavakit.data.conversation import Conversation, Turn
 from llavakit.data.dataset import SupervisedDataset
 from llavakit.data.tokenize import IGNORE_INDEX
 from llavakit.demo.tiny import save_tiny_llm, save_tiny_vision
-from llavakit.model.packed_attention import (PACKED_SDPA, sample_spans, supports_packed_attention,
+from llavakit.model.packed_attention import (PACKED_SDPA, equal_runs, sample_spans, supports_packed_attention,
                                              use_packed_attention)
 
 ATOL = 1e-5
@@ -106,13 +106,15 @@ def test_packed_equals_padded_and_dense_packed(built, supervised_only):
 
 
 def test_single_sample_and_length_one_samples(built):
-    """A batch of one sample, and text samples of length 1 between longer ones (no image)."""
+    """A batch of one sample, text samples of length 1 between longer ones (no image), and runs of samples of
+    equal length (one batched sdpa call each) beside single ones."""
     _, model, _, items = built
     g = torch.Generator().manual_seed(0)
     short = [{"input_ids": torch.randint(5, 300, (n,), generator=g), "pixel_values": None} for n in (1, 7, 1, 1, 5)]
     for s in short:
         s["labels"] = s["input_ids"].clone()
-    batches = [PackingCollator()(items[1:2]), PackingCollator()(short), PackingCollator()(short[:1] + items[:1])]
+    batches = [PackingCollator()(items[1:2]), PackingCollator()(short), PackingCollator()(short[:1] + items[:1]),
+               PackingCollator()([items[0], items[0], items[3], items[1], items[1], items[1], short[2]])]
     try:
         for batch in batches:
             _attn(model, "sdpa")
@@ -192,6 +194,7 @@ def test_sample_spans():
     assert sample_spans(torch.tensor([[5, 6, 7, 2, 3]]), 5) == [[(0, 3), (3, 5)]]  # transformers' rule: +1 steps
     rows = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])
     assert sample_spans(rows, 4, batch_size=2) == [[(0, 4)], [(0, 2), (2, 4)]]
+    assert equal_runs([(0, 3), (3, 6), (6, 7), (7, 8), (8, 10)]) == [(0, 2, 3), (6, 2, 1), (8, 1, 2)]
     with pytest.raises(ValueError, match="does not cover"):
         sample_spans(pos, 6, torch.tensor([0, 3, 5]))
 

@@ -97,11 +97,27 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: sdpa shares each kv head itself
     rows = []
     for b, row_spans in enumerate(spans):
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-                 .transpose(1, 2) for s, e in row_spans]  # each [1, L_i, H, D]
+        parts = []
+        for start, n, size in equal_runs(row_spans):  # n samples of `size` tokens from `start`: one sdpa call
+            end = start + n * size
+            q, k, v = (x[b, :, start:end].unflatten(1, (n, size)).transpose(0, 1) for x in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                 enable_gqa=gqa)  # [n, H, size, D]
+            parts.append(out.transpose(1, 2).reshape(1, n * size, out.shape[1], out.shape[-1]))  # [1, n*size, H, D]
         rows.append(torch.cat(parts, dim=1))  # [1, L, H, D]
     return torch.cat(rows, dim=0), None  # [B, L, H, D]
+
+
+def equal_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Consecutive samples of equal length merged: ``(start, count, length)`` per run. A length-grouped packed
+    row is then one batched sdpa call, as fast as the padded batch; samples of different lengths run one by one."""
+    runs: list[list[int]] = []
+    for s, e in spans:
+        if runs and runs[-1][2] == e - s and runs[-1][0] + runs[-1][1] * runs[-1][2] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1, e - s])
+    return [tuple(r) for r in runs]
 
 
 def packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
