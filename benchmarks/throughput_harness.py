@@ -111,6 +111,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
+    from llavakit.model.packed_attention import use_packed_attention
     from llavakit.train.config import load_config
     from llavakit.train.loop import (epoch_order, make_collator, make_loader, make_optimizer, optimizer_step,
                                      prepare_data, rank_batches)
@@ -133,6 +134,8 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
                               cpu=args.device == "cpu")
     quiet = lambda *a, **k: None  # noqa: E731
     model, processor = assemble(cfg)
+    if cfg.data.packing:  # as the trainer does: an sdpa/eager LLM attends per packed sample, with no dense mask
+        use_packed_attention(model)
     processor.template = template
     dataset = prepare_data(cfg, processor, say=quiet)
     model, groups = apply_stage(model, cfg)
