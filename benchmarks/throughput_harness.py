@@ -128,6 +128,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
         "train": {"stage": "finetune" if row.stage == 2 else "pretrain", "batch_size": args.batch,
                   "lr": 2e-5 if row.stage == 2 else 1e-3, "supervised_logits_only": row.sup,
                   "loss_chunk_size": row.chunk, "gradient_checkpointing": row.ckpt,
+                  "compile": row.compile,
                   "precision": args.precision, "report_to": "none", "output_dir": str(tmp / "run"),
                   "schedule": "constant", "warmup_ratio": 0.0, "seed": 0}})
     accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16"}[args.precision],

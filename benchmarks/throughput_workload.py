@@ -69,13 +69,15 @@ class Row:
     cache: bool = False
     chunk: int = 0  # train.loss_chunk_size
     ckpt: bool = False  # gradient checkpointing (llavakit: train.gradient_checkpointing; TRL: its default)
+    compile: bool = False  # train.compile (torch.compile of the LLM's decoder layers); only run when named in --rows
 
 
 CHUNK = 1024  # train.loss_chunk_size of the chunked-loss rows (docs/performance.md, "The chunked LM-head loss")
 
 
 def stage2_rows(workers: int) -> list[Row]:
-    """Numbered from 1 in this order (`--rows`); the TRL rows are dropped where trl is not installed."""
+    """Numbered from 1 in this order (`--rows`); the TRL rows are dropped where trl is not installed; the compile
+    rows (14, 15) run only when `--rows` names them (compiling takes minutes on a CPU)."""
     return [
         Row("peer: HF Llava + Trainer", system="peer"),
         Row("llavakit baseline (pad, shuffled, full logits)"),
@@ -91,6 +93,10 @@ def stage2_rows(workers: int) -> list[Row]:
         Row("  the same + gradient checkpointing", group=True, sup=True, chunk=CHUNK, workers=workers, ckpt=True),
         Row("TRL SFTTrainer (its defaults: gradient checkpointing)", system="trl", ckpt=True),
         Row("TRL SFTTrainer, gradient_checkpointing=False", system="trl"),
+        Row("llavakit grouping + sup-only + chunked loss + workers + compile", group=True, sup=True, chunk=CHUNK,
+            workers=workers, compile=True),
+        Row("llavakit all on (+ packing) + chunked loss + compile", group=True, sup=True, pack=True, chunk=CHUNK,
+            workers=workers, compile=True),
     ]
 
 

@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     print(f"tokenizer: {report['tokenizer']}")
     tables = {"2": stage2_rows(args.workers), "1": stage1_rows(args.workers)}
     for stage in [s for s in args.stages.split(",") if s]:
-        rows = [r for i, r in enumerate(tables[stage], 1) if not chosen or i in chosen]
+        rows = [r for i, r in enumerate(tables[stage], 1) if (i in chosen if chosen else not r.compile)]
         if not has_trl and any(r.system == "trl" for r in rows):
             print("NOTE: trl is not installed, the TRL rows are left out (pip install 'llavakit[bench]')")
             rows = [r for r in rows if r.system != "trl"]

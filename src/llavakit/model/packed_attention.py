@@ -42,6 +42,7 @@ PACKED_SDPA = "sdpa_packed"
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager", None)
 
 
+@torch.compiler.disable  # data-dependent (Python lists of spans): under train.compile it runs eagerly, no recompiles
 def sample_spans(position_ids: torch.Tensor | None, length: int, cu_seq_lens: torch.Tensor | None = None,
                  batch_size: int = 1) -> list[list[tuple[int, int]]] | None:
     """Per row, the ``(start, end)`` token ranges of its samples, or None when no row holds more than one.
@@ -94,6 +95,13 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{PACKED_SDPA} attention supports neither logit soft-capping nor attention "
                                   "sinks; use model.attn_implementation: eager with data.packing: false")
+    return attend_per_sample(query, key, value, spans, dropout, scaling), None
+
+
+@torch.compiler.disable  # one sdpa call per run of samples: a Python loop over data-dependent spans
+def attend_per_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[list[tuple[int, int]]],
+                      dropout: float, scaling: float | None) -> torch.Tensor:
+    """query [B, H, L, D], key/value [B, H_kv, L, D] -> [B, L, H, D]: causal sdpa inside each span of each row."""
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: sdpa shares each kv head itself
     rows = []
     for b, row_spans in enumerate(spans):
@@ -105,7 +113,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                                  enable_gqa=gqa)  # [n, H, size, D]
             parts.append(out.transpose(1, 2).reshape(1, n * size, out.shape[1], out.shape[-1]))  # [1, n*size, H, D]
         rows.append(torch.cat(parts, dim=1))  # [1, L, H, D]
-    return torch.cat(rows, dim=0), None  # [B, L, H, D]
+    return torch.cat(rows, dim=0)  # [B, L, H, D]
 
 
 def equal_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
