@@ -1,8 +1,9 @@
 """The one internal sample type every reader produces and every later stage consumes.
 
 A `Conversation` is a list of turns (`system` / `user` / `assistant`) whose text carries one
-``<image>`` marker per image, in the order the images appear in ``images``. Images stay
-references (a path, raw bytes or a PIL image) until a dataloader worker decodes them.
+``<image>`` marker per image, in the order the images appear in ``images``, and one ``<video>`` marker per
+video, in the order of ``videos``. Images and videos stay references (an image: a path, raw bytes or a PIL
+image; a video: a file path or a list of frame image references) until a dataloader worker decodes them.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ from typing import Any, Union
 
 from PIL import Image
 
+from .video import VIDEO_MARKER
+
 IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
 
 
-def strip_markers(text: str) -> str:
-    """`text` with no ``<image>`` left, however it was nested: removing ``<image>`` from
-    ``<<image>image>`` once would leave one. For typed text, where images come from attachments only."""
-    if IMAGE_MARKER not in text:
+def strip_markers(text: str, marker: str = IMAGE_MARKER) -> str:
+    """`text` with no `marker` (``<image>``, or ``<video>``) left, however it was nested: removing ``<image>``
+    from ``<<image>image>`` once would leave one. For typed text, where images come from attachments only."""
+    if marker not in text:
         return text
     out: list[str] = []
-    n, last = len(IMAGE_MARKER), IMAGE_MARKER[-1]
+    n, last = len(marker), marker[-1]
     for ch in text:  # one pass: a marker completed at the end of what is kept is dropped at once
         out.append(ch)
-        if ch == last and len(out) >= n and "".join(out[-n:]) == IMAGE_MARKER:
+        if ch == last and len(out) >= n and "".join(out[-n:]) == marker:
             del out[-n:]
     return "".join(out)
 
 # A path (str, already resolved against --image-folder), encoded bytes, or a decoded PIL image.
 ImageRef = Union[str, bytes, Image.Image]
+# A video: a file path (resolved against --image-folder), or its frames as a list of image references.
+VideoRef = Union[str, list]
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Conversation:
     index: int = -1  # position in the source file / dataset
     source: str = ""  # file (or dataset) it came from, for error messages
     meta: dict[str, Any] = field(default_factory=dict)
+    videos: list[VideoRef] = field(default_factory=list)  # one per <video> marker, in order
 
     @property
     def label(self) -> str:
@@ -56,6 +62,9 @@ class Conversation:
 
     def num_markers(self) -> int:
         return sum(t.content.count(IMAGE_MARKER) for t in self.turns)
+
+    def num_video_markers(self) -> int:
+        return sum(t.content.count(VIDEO_MARKER) for t in self.turns if isinstance(t.content, str))
 
 
 @dataclass

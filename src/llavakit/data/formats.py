@@ -2,12 +2,18 @@
 
 Two row schemas, read from three kinds of container:
 
-* ``llava`` — ``{"id", "image": path | "images": [paths], "conversations": [{"from", "value"}]}``;
+* ``llava`` — ``{"id", "image": path | "images": [paths], "video": v | "videos": [v, ...], "conversations":
+  [{"from", "value"}]}``;
   ``from`` is human / gpt / system (user / assistant also accepted). xtuner's spelling
   ``conversation`` is accepted, with either ``{from, value}`` turns or its own ``{system, input,
   output}`` exchanges. A row without an image is a text-only sample.
 * ``messages`` (ShareGPT / OpenAI / TRL) — ``{"messages": [{"role", "content"}], "images": [...]}``;
-  ``content`` is a string with ``<image>`` markers or a list of ``{"type": "image" | "text"}`` parts.
+  ``content`` is a string with ``<image>`` markers or a list of ``{"type": "image" | "video" | "text"}`` parts.
+
+A video ``v`` is a file path or a list of frame image paths (``"video": [f0, f1, ...]`` is one video; ``"videos"``
+lists videos), one ``<video>`` marker each. A row with one video and no ``<video>`` marker gets one at the start
+of its first user turn (as a one-image row gets ``<image>``); a row with videos, no images and no ``<video>``
+marker whose ``<image>`` markers match its videos (LLaVA-Video-178K's spelling) has them read as ``<video>``.
 
 Containers: a ``.json`` array or ``.jsonl`` file, a Python list of rows, or a Hugging Face
 ``datasets`` source (a ``Dataset``/``IterableDataset`` object, a ``save_to_disk`` folder, parquet /
@@ -32,6 +38,7 @@ from PIL import Image
 
 from .conversation import IMAGE_MARKER, Conversation, Problem, SampleError, Turn
 from .jsonrows import json_rows
+from .video import VIDEO_MARKER
 from .sources import FORMATS, DataSourceError, RowError, container_kind, describe_source, hf_dataset, hf_rows
 from .writers import ROW_SCHEMAS, write_conversations
 
@@ -44,8 +51,8 @@ log = logging.getLogger(__name__)
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _SURROGATE = re.compile("[\ud800-\udfff]")  # no UTF-8 text holds one; tokenizers refuse them
 KNOWN_KEYS = {
-    "llava": {"id", "image", "images", "conversations", "conversation"},
-    "messages": {"id", "image", "images", "messages"},
+    "llava": {"id", "image", "images", "video", "videos", "conversations", "conversation"},
+    "messages": {"id", "image", "images", "video", "videos", "messages"},
 }
 
 
@@ -132,11 +139,12 @@ def _llava_turns(raw: Any, key: str) -> list[Turn]:
     return turns
 
 
-def _message_turns(raw: Any) -> tuple[list[Turn], list[Any]]:
-    """Turns, plus images given inline in ``{"type": "image", "image": ...}`` parts."""
+def _message_turns(raw: Any) -> tuple[list[Turn], list[Any], list[Any]]:
+    """Turns, plus images and videos given inline in ``{"type": "image", "image": ...}`` /
+    ``{"type": "video", "video": ...}`` parts."""
     if not isinstance(raw, list):
         raise _wrong_type("'messages'", raw, "a list of messages")
-    turns, inline = [], []
+    turns, inline, inline_videos = [], [], []
     for k, m in enumerate(raw):
         if not isinstance(m, dict):
             raise _wrong_type(f"messages[{k}]", m, "an object")
@@ -154,19 +162,24 @@ def _message_turns(raw: Any) -> tuple[list[Turn], list[Any]]:
                     ref = part.get("image") or part.get("path") or part.get("url")
                     if ref is not None:
                         inline.append(ref)
+                elif kind == "video":
+                    pieces.append(VIDEO_MARKER)
+                    ref = part.get("video") or part.get("path")
+                    if ref is not None:
+                        inline_videos.append(ref)
                 elif kind == "text":
                     text = part.get("text")
                     pieces.append("" if text is None else _text(text, f"messages[{k}].content[{j}].text"))
                 else:
-                    raise RowError(f"wrong type: messages[{k}].content[{j}] is not an image or text part",
-                                    "use {'type': 'image'} or {'type': 'text', 'text': ...} parts")
+                    raise RowError(f"wrong type: messages[{k}].content[{j}] is not an image, video or text part",
+                                    "use {'type': 'image'}, {'type': 'video'} or {'type': 'text', 'text': ...} parts")
             content = "\n".join(pieces)
         elif not isinstance(content, str):
             raise _wrong_type(f"messages[{k}].content", content, "a string or a list of parts")
         else:
             _text(content, f"messages[{k}].content")
         turns.append(Turn(role, content))
-    return turns, inline
+    return turns, inline, inline_videos
 
 
 def _image_ref(value: Any, where: str, base: str | None) -> Any:
@@ -206,6 +219,50 @@ def _images(row: dict, base: str | None) -> list[Any]:
     return [_image_ref(v, f"'{key}'" if len(values) == 1 else f"'{key}'[{i}]", base) for i, v in enumerate(values)]
 
 
+def _video_ref(value: Any, where: str, base: str | None) -> Any:
+    """A video file path (resolved against `base`), or a list of frame image references."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise RowError(f"wrong type: {where} is an empty list of frames", "give the video's frames, or drop it")
+        return [_image_ref(f, f"{where}[{i}]", base) for i, f in enumerate(value)]
+    if isinstance(value, (str, Path)):
+        return _image_ref(value, where, base)
+    raise _wrong_type(where, value, "a video path or a list of frame paths")
+
+
+def _videos(row: dict, base: str | None) -> list[Any]:
+    """``video``: one video (a path, or a list of frame paths); ``videos``: a list of videos."""
+    given = {k: row[k] for k in ("video", "videos") if row.get(k) is not None and not _empty_list(row[k])}
+    if len(given) == 2:
+        raise RowError("wrong type: the row has both 'video' and 'videos'", "keep one of them")
+    if "video" in given:
+        return [_video_ref(given["video"], "'video'", base)]
+    if "videos" in given:
+        value = given["videos"]
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type("'videos'", value, "a list of videos (paths, or lists of frame paths)")
+        return [_video_ref(v, f"'videos'[{i}]", base) for i, v in enumerate(value)]
+    return []
+
+
+def _insert_video_markers(conv: Conversation, problem) -> None:
+    """A row with videos but no ``<video>`` marker: LLaVA-Video-style ``<image>`` markers standing for the videos
+    are read as ``<video>``; else one video gets its marker at the start of the first user turn."""
+    if not conv.videos or conv.num_video_markers():
+        return
+    if not conv.images and conv.num_markers() == len(conv.videos):
+        for t in conv.turns:
+            t.content = t.content.replace(IMAGE_MARKER, VIDEO_MARKER)
+        conv.meta["video_markers_from_image"] = True
+        return
+    first_user = next((t for t in conv.turns if t.role == "user"), None)
+    if len(conv.videos) == 1 and first_user is not None:
+        first_user.content = f"{VIDEO_MARKER}\n{first_user.content}"
+        conv.meta["video_marker_inserted"] = True
+        problem("warning", "marker inserted: the row has one video but no <video> marker; one was put at the "
+                "start of the first user turn", "write <video> where the video belongs to silence this")
+
+
 def _sample_id(raw: Any) -> str | None:
     """The row's id as text (None when it has none, or one of the wrong type), printable as it is."""
     if not isinstance(raw, (str, int)) or isinstance(raw, bool):
@@ -241,16 +298,20 @@ def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_fold
             if key is None:
                 raise RowError(f"missing key: no 'conversations' list (keys: {sorted(row)})",
                                 "a llava row needs 'conversations': [{'from': 'human'|'gpt', 'value': ...}]")
-            turns, inline = _llava_turns(row[key], key), []
+            turns, inline, inline_videos = _llava_turns(row[key], key), [], []
         else:
             if "messages" not in row:
                 raise RowError(f"missing key: no 'messages' list (keys: {sorted(row)})",
                                 "a messages row needs 'messages': [{'role': 'user'|'assistant', 'content': ...}]")
-            turns, inline = _message_turns(row["messages"])
+            turns, inline, inline_videos = _message_turns(row["messages"])
         images = _images(row, image_folder)
         if inline and images:
             raise RowError("wrong type: images given both inline in content parts and in 'images'", "keep one of them")
         images = images or [_image_ref(v, "an inline image part", image_folder) for v in inline]
+        videos = _videos(row, image_folder)
+        if inline_videos and videos:
+            raise RowError("wrong type: videos given both inline in content parts and in 'videos'", "keep one of them")
+        videos = videos or [_video_ref(v, "an inline video part", image_folder) for v in inline_videos]
     except RowError as e:
         sid = sid if sid is not None else e.id
         problem("error", e.reason, e.hint)
@@ -265,7 +326,8 @@ def parse_row(row: Any, schema: str, *, index: int, source: str = "", image_fold
         for key in sorted(set(row) - KNOWN_KEYS[schema], key=str):
             problem("warning", f"unknown key: {key!r} is not a {schema} field and is ignored",
                     f"remove it, or check its spelling against {sorted(KNOWN_KEYS[schema])}")
-    conv = Conversation(turns, images, id=sid, index=index, source=source, meta={"format": schema})
+    conv = Conversation(turns, images, id=sid, index=index, source=source, meta={"format": schema}, videos=videos)
+    _insert_video_markers(conv, problem)
     if len(images) == 1 and conv.num_markers() == 0:
         first_user = next((t for t in turns if t.role == "user"), None)
         if first_user is not None:

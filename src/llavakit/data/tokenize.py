@@ -21,7 +21,9 @@ that is not a special token) a ``"▁"`` the whole string would not have.
 
 ``<image>`` markers never go through the tokenizer: image k becomes exactly ``image_tokens[k]`` copies
 of ``image_token_id`` (`expand_image_tokens`; the counts come from the processor, which owns them:
-``processor.image_token_counts``), unsupervised.
+``processor.image_token_counts``), unsupervised. ``<video>`` markers (models with a video token,
+``processor.video_token_id``) are the tokenizer's added ``<video>`` token; video k then becomes
+``video_tokens[k]`` copies of it (``processor.num_video_tokens(frames)``), unsupervised, the same way.
 
 **Special-token text in content stays text**: a conversation's ``</s>``, ``<|im_end|>``, ``<s>`` ... is
 tokenized as plain text, never as the control token (`llavakit.data.specials`: the spelling is cut out
@@ -53,6 +55,7 @@ from typing import Sequence
 from .conversation import IMAGE_MARKER, Conversation, SampleError, Turn
 from .specials import mark_plain, plain_ids, split_marked
 from .templates import Template, TemplateError
+from .video import VIDEO_MARKER
 
 IGNORE_INDEX = -100
 OVERFLOW_POLICIES = ("truncate", "drop")
@@ -95,6 +98,7 @@ class EncodedSample:
     labels: list[int]  # [L], IGNORE_INDEX where not supervised
     num_images: int  # images that survive (the first `num_images` of conv.images)
     truncated: bool  # whether trailing rounds were removed to fit max_length
+    num_videos: int = 0  # videos that survive (the first `num_videos` of conv.videos)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -277,15 +281,46 @@ def _rounds(turns: list[Turn]) -> list[int]:
     return [i + 1 for i, t in enumerate(turns) if t.role == "assistant"]
 
 
+def expand_video_tokens(ids: list[int], labels: list[int], video_token_id: int | None, video_tokens: Sequence[int],
+                        expected: int) -> tuple[list[int], list[int]]:
+    """Video k's single ``video_token_id`` (the tokenizer's ``<video>``) -> ``video_tokens[k]`` unsupervised copies;
+    `expected` is the number of ``<video>`` markers of the text (an error if the tokenizer made another count)."""
+    if video_token_id is None:
+        return ids, labels
+    found = sum(1 for t in ids if t == video_token_id)
+    if found != expected:
+        raise ValueError(f"the text has {expected} {VIDEO_MARKER} marker(s) but the tokenizer made {found} "
+                         f"{VIDEO_MARKER} token(s); the tokenizer must have {VIDEO_MARKER} as one added token")
+    return expand_image_tokens(ids, video_token_id, list(video_tokens), labels)
+
+
+def check_videos(conv: Conversation, video_token_id: int | None) -> None:
+    """`SampleError` for a sample with videos on a model without a video token, or with markers != videos."""
+    if conv.videos and video_token_id is None:
+        raise SampleError.of(conv, f"video unsupported: the sample has {len(conv.videos)} video(s) but this model "
+                             f"takes no videos (no {VIDEO_MARKER} token)",
+                             "train an image_tokens: anyres_max model (llavakit.build adds its <video> token), or "
+                             "drop the sample")
+    markers = conv.num_video_markers() if video_token_id is not None else 0
+    if markers != len(conv.videos):
+        raise SampleError.of(conv, f"video count mismatch: {markers} {VIDEO_MARKER} marker(s) but "
+                             f"{len(conv.videos)} video(s)",
+                             f"put exactly one {VIDEO_MARKER} where each video belongs (run `llavakit data check`)")
+
+
 def encode(conv: Conversation, template: Template, tokenizer, image_token_id: int,
-           image_tokens: int | Sequence[int], max_length: int | None = None, overflow: str = "truncate", tokenization: str = "llm") -> EncodedSample:
-    """One conversation -> `EncodedSample`; raises `SampleError` for a sample not to train on."""
+           image_tokens: int | Sequence[int], max_length: int | None = None, overflow: str = "truncate",
+           tokenization: str = "llm", video_token_id: int | None = None,
+           video_tokens: Sequence[int] = ()) -> EncodedSample:
+    """One conversation -> `EncodedSample`; raises `SampleError` for a sample not to train on. ``video_tokens``:
+    one placeholder count per video of ``conv.videos`` (models with a ``video_token_id``)."""
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow={overflow!r} is not one of {list(OVERFLOW_POLICIES)}")
     markers = conv.num_markers()
     if markers != len(conv.images):
         raise SampleError.of(conv, f"{markers} {IMAGE_MARKER} marker(s) but {len(conv.images)} image(s)",
                              f"put exactly one {IMAGE_MARKER} where each image belongs (run `llavakit data check`)")
+    check_videos(conv, video_token_id)
 
     def run(turns: list[Turn]) -> tuple[list[int], list[int]]:
         turns, sentinels = mark_plain(turns, tokenizer)
@@ -294,7 +329,9 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
         except TemplateError as e:
             raise SampleError.of(conv, f"template {template.name!r} cannot render it: {e}",
                                  "fix the turn roles or choose another template") from e
-        return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)
+        got = tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)
+        n_videos = sum(t.content.count(VIDEO_MARKER) for t in turns) if video_token_id is not None else 0
+        return expand_video_tokens(*got, video_token_id, video_tokens, n_videos)
 
     ids, labels = run(conv.turns)
     if labels.count(IGNORE_INDEX) == len(labels):
@@ -323,12 +360,17 @@ def encode(conv: Conversation, template: Template, tokenizer, image_token_id: in
                       "at a turn boundary", "raise max_length, or shorten the first exchange")
         kept_turns, (ids, labels), truncated = conv.turns[:best[0]], best[1], True
     n_images = sum(t.content.count(IMAGE_MARKER) for t in kept_turns)
-    return EncodedSample(ids, labels, n_images, truncated)
+    n_videos = sum(t.content.count(VIDEO_MARKER) for t in kept_turns) if video_token_id is not None else 0
+    return EncodedSample(ids, labels, n_images, truncated, n_videos)
 
 
 def encode_prompt(turns: list[Turn], template: Template, tokenizer, image_token_id: int,
-                  image_tokens: int | Sequence[int], tokenization: str = "llm") -> list[int]:
-    """Ids of `template.render_prompt(turns)`, tokenized exactly as training tokenized that text."""
+                  image_tokens: int | Sequence[int], tokenization: str = "llm", video_token_id: int | None = None,
+                  video_tokens: Sequence[int] = ()) -> list[int]:
+    """Ids of `template.render_prompt(turns)`, tokenized exactly as training tokenized that text (``<video>``
+    markers expanded to ``video_tokens`` when the model has a ``video_token_id``)."""
+    n_videos = sum(t.content.count(VIDEO_MARKER) for t in turns) if video_token_id is not None else 0
     turns, sentinels = mark_plain(turns, tokenizer)
     segs = template.segments(turns, add_generation_prompt=True)
-    return tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)[0]
+    got = tokenize_segments(segs, tokenizer, image_token_id, image_tokens, tokenization, sentinels)
+    return expand_video_tokens(*got, video_token_id, video_tokens, n_videos)[0]

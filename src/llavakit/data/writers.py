@@ -15,7 +15,7 @@ from .conversation import Conversation
 ROW_SCHEMAS = ("llava", "messages")
 
 
-def write_image_ref(ref: Any, base: Path, stem: str, conv: Conversation, k: int) -> str:
+def write_image_ref(ref: Any, base: Path, stem: str, conv: Conversation, k: int | str) -> str:
     """A path string for `ref`, relative to `base`; embedded images are saved under it first."""
     if isinstance(ref, dict):  # a datasets {"bytes", "path"} value
         ref = ref.get("bytes") or ref.get("path")
@@ -58,6 +58,9 @@ def write_conversations(conversations: Iterable[Conversation], out_path: str | o
     for conv in conversations:
         images = [write_image_ref(ref, base, out.stem, conv, k) for k, ref in enumerate(conv.images)]
         row: dict[str, Any] = {} if conv.id is None else {"id": conv.id}
+        videos = [[write_image_ref(f, base, out.stem, conv, f"v{k}_{j}") for j, f in enumerate(v)]
+                  if isinstance(v, (list, tuple)) else write_image_ref(v, base, out.stem, conv, f"v{k}")
+                  for k, v in enumerate(conv.videos)]
         if to == "llava":
             if len(images) == 1:
                 row["image"] = images[0]
@@ -68,6 +71,8 @@ def write_conversations(conversations: Iterable[Conversation], out_path: str | o
             row["messages"] = [{"role": t.role, "content": t.content} for t in conv.turns]
             if images:
                 row["images"] = images
+        if videos:
+            row["videos"] = videos  # a list of videos (each a path or a list of frame paths), one <video> each
         rows.append(row)
     with out.open("w", encoding="utf-8") as f:
         if out.suffix.lower() == ".jsonl":
