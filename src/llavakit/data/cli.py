@@ -119,7 +119,7 @@ def _tokenizer_bits(args) -> dict:
 
     from llavakit import LlavakitProcessor
 
-    from .dataset import image_token_counts
+    from .dataset import image_token_counts, video_frame_counts
     from .templates import get_template
 
     try:
@@ -136,10 +136,15 @@ def _tokenizer_bits(args) -> dict:
         template = get_template(name, processor.tokenizer)
     except ValueError as e:
         raise _UsageError(f"{e} (pass --template)") from None
+    video_token_id = getattr(processor, "video_token_id", None)
+
+    def video_tokens(conv):  # from each file's metadata (nothing decoded), as training counts them up front
+        return [processor.num_video_tokens(f) for f in video_frame_counts(conv, processor)]
+
     return dict(tokenizer=processor.tokenizer, template=template, image_token_id=processor.image_token_id,
                 image_tokens=lambda conv: image_token_counts(conv, processor, limits)[1], max_length=max_length,
-                overflow=args.overflow,
-                tokenization=processor.tokenization)
+                overflow=args.overflow, tokenization=processor.tokenization, video_token_id=video_token_id,
+                video_tokens=video_tokens)
 
 
 def _write_report(path: str, rows: list[dict]) -> None:
@@ -186,22 +191,26 @@ def _per_source(mixture: Mixture, problems) -> None:
 
 
 # --- stats --------------------------------------------------------------------------------------
-def _lengths(convs, bits) -> tuple[list[int], str, int]:
-    """Per-sample lengths (tokens with a model, else words), the unit, and how many failed to encode."""
+def _lengths(convs, bits) -> tuple[list[int], str, int, int]:
+    """Per-sample lengths (tokens with a model, else words), the unit, how many failed to encode, and the video
+    placeholder tokens of the samples that did."""
     if "tokenizer" not in bits:
-        return [sum(len(t.content.split()) for t in c.turns) for c in convs], "words (pass --model for tokens)", 0
+        return [sum(len(t.content.split()) for t in c.turns) for c in convs], "words (pass --model for tokens)", 0, 0
     from .tokenize import encode
 
-    lengths, failed = [], 0
+    lengths, failed, video_tokens = [], 0, 0
     for c in convs:
         try:
+            vcounts = bits["video_tokens"](c) if c.videos else []
             enc = encode(c, bits["template"], bits["tokenizer"], bits["image_token_id"], bits["image_tokens"](c),
-                         tokenization=bits["tokenization"])
+                         tokenization=bits["tokenization"], video_token_id=bits["video_token_id"],
+                         video_tokens=vcounts)
         except ValueError:
             failed += 1
             continue
         lengths.append(len(enc.input_ids))
-    return lengths, "tokens", failed
+        video_tokens += sum(vcounts[:enc.num_videos])
+    return lengths, "tokens", failed, video_tokens
 
 
 def _histogram(lengths: list[int], unit: str, bins: int, max_length: int | None, title: str, out: Path) -> None:
@@ -232,6 +241,7 @@ def _stats(args) -> int:
     convs, problems = mixture.conversations, mixture.problems
     unreadable = len({p.index for p in problems if p.severity == "error"})
     n_images = [len(c.images) for c in convs]
+    n_videos = [len(c.videos) for c in convs]
     n_turns = [len(c.turns) for c in convs]
     rows = [
         ("samples read", len(convs)),
@@ -240,13 +250,17 @@ def _stats(args) -> int:
         ("samples with images", sum(1 for k in n_images if k > 0)),
         ("  with several images", sum(1 for k in n_images if k > 1)),
         ("images", sum(n_images)),
+        ("samples with videos", sum(1 for k in n_videos if k > 0)),
+        ("videos", sum(n_videos)),
         ("turns", sum(n_turns)),
         ("multi-turn samples", sum(1 for c in convs if sum(t.role == "user" for t in c.turns) > 1)),
         ("samples with a system prompt", sum(1 for c in convs if c.turns and c.turns[0].role == "system")),
     ]
-    lengths, unit, failed = _lengths(convs, bits)
+    lengths, unit, failed, video_tokens = _lengths(convs, bits)
     if failed:
         rows.append(("could not be tokenized", failed))
+    if "tokenizer" in bits and sum(n_videos):
+        rows.append(("video tokens", video_tokens))
     for label, value in rows:
         print(f"{label:<32}{value:>10}")
     _per_source(mixture, problems)

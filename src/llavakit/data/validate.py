@@ -1,11 +1,11 @@
 """Judge every sample before training: what `llavakit data check` reports and training refuses.
 
-`validate` takes what a reader returned (conversations + the problems met while reading) and adds
-what can only be judged on a normalised conversation: roles and their order, empty turns,
-``<image>`` markers against images, the images themselves (missing, empty, corrupt, truncated,
-folders, decompression bombs, over the size limits of `llavakit.data.images.ImageLimits`),
-duplicate ids and — given a tokenizer and template — whether anything is supervised and whether the
-sample fits ``max_length``.
+`validate` takes what a reader returned (conversations + the problems met while reading) and adds what can only be
+judged on a normalised conversation: roles and their order, empty turns, ``<image>`` markers against images, the
+images themselves (missing, empty, corrupt, truncated, folders, decompression bombs, over the size limits of
+`llavakit.data.images.ImageLimits`), ``<video>`` markers against videos and the videos themselves (missing, empty,
+corrupt, no frames, over `VideoLimits`; a list of frames: each frame as an image), duplicate ids and — given a
+tokenizer and template — whether anything is supervised and whether the sample fits ``max_length``.
 
 Every reason starts with a short kind (``"image missing: ..."``) that `summarize` groups by.
 """
@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 from .conversation import IMAGE_MARKER, ROLES, Conversation, Problem, SampleError
 from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from .specials import special_text_warnings
+from .video import VIDEO_MARKER, VideoError, VideoLimits, probe_video, read_video
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def _structure(conv: Conversation) -> list[tuple[str, str, str]]:
         elif turn.role != "user" and IMAGE_MARKER in turn.content:
             found.append(("error", f"image in {turn.role} turn: {where} contains {IMAGE_MARKER}",
                           "images belong in user turns; move the marker into the question"))
+        elif turn.role != "user" and conv.videos and VIDEO_MARKER in turn.content:
+            found.append(("error", f"video in {turn.role} turn: {where} contains {VIDEO_MARKER}",
+                          "videos belong in user turns; move the marker into the question"))
         if order_reported:
             continue
         if turn.role == "system":
@@ -83,6 +87,14 @@ def _structure(conv: Conversation) -> list[tuple[str, str, str]]:
         found.append(("error", f"image count mismatch: {markers} {IMAGE_MARKER} marker(s) but "
                       f"{len(conv.images)} image(s)",
                       f"put exactly one {IMAGE_MARKER} in the user turns per image, in image order"))
+    videos = conv.num_video_markers()
+    if conv.videos and videos != len(conv.videos):
+        found.append(("error", f"video count mismatch: {videos} {VIDEO_MARKER} marker(s) but {len(conv.videos)} "
+                      "video(s)", f"put exactly one {VIDEO_MARKER} in the user turns per video, in video order"))
+    elif videos and not conv.videos:
+        found.append(("warning", f"video marker without a video: the text has {videos} {VIDEO_MARKER} but the row "
+                      "gives no video (plain text for a model without videos, an error for one with them)",
+                      "add the row's 'video' / 'videos', or remove the marker"))
     return found
 
 
@@ -112,13 +124,54 @@ def _check_images(convs: Sequence[Conversation], limits: ImageLimits, full: bool
     return out
 
 
+def _check_videos(convs: Sequence[Conversation], limits: ImageLimits, video_limits: VideoLimits, full: bool
+                  ) -> dict[int, list[tuple[str, str, str]]]:
+    """conversation position -> video problems. A file: its metadata against `video_limits` (``full``: decoded up
+    to its last sampled frame, which finds truncated files); a list of frames: each frame as an image."""
+    frame_limits = ImageLimits(limits.max_pixels, None, None)  # frames are squashed to one tile: no side/aspect limit
+    seen: dict[str, VideoError | None] = {}
+
+    def diagnose(ref):
+        if isinstance(ref, (list, tuple)):
+            if not ref:
+                return VideoError("video has no frames", "the frame list is empty")
+            for j, frame in enumerate(ref):
+                err = frame_limits.diagnose(frame, full)
+                if err is not None:
+                    return VideoError(f"video frame {err.kind.replace('image ', '')}", f"frame {j}: {err.detail}",
+                                      err.hint)
+            return None
+        key = str(ref)
+        if key not in seen:
+            try:
+                (read_video(key, limits=video_limits) if full else probe_video(key, video_limits))
+                seen[key] = None
+            except VideoError as e:
+                seen[key] = e
+        return seen[key]
+
+    out: dict[int, list[tuple[str, str, str]]] = {}
+    for pos, conv in enumerate(convs):
+        for k, ref in enumerate(conv.videos):
+            err = diagnose(ref)
+            if err is not None:
+                where = f" (video {k + 1} of {len(conv.videos)})" if len(conv.videos) > 1 else ""
+                out.setdefault(pos, []).append(("error", err.reason + where, err.hint))
+    return out
+
+
 def _tokens(conv: Conversation, encode, template, tokenizer, image_token_id, image_tokens,
-            max_length: int | None, overflow: str, tokenization: str) -> list[tuple[str, str, str]]:
+            max_length: int | None, overflow: str, tokenization: str, video_token_id: int | None = None,
+            video_tokens=None) -> list[tuple[str, str, str]]:
     """Supervision and length, judged by the same `encode` (and length policy) training uses."""
     def run(limit):
         counts = image_tokens(conv) if callable(image_tokens) else image_tokens
+        video = {}
+        if video_token_id is not None or conv.videos:  # (image-only checks keep encode's image-only contract)
+            vcounts = (video_tokens(conv) if callable(video_tokens) else video_tokens) or ()
+            video = dict(video_token_id=video_token_id, video_tokens=vcounts)
         return encode(conv, template, tokenizer, image_token_id, counts, max_length=limit,
-                      overflow=overflow, tokenization=tokenization)
+                      overflow=overflow, tokenization=tokenization, **video)
 
     try:
         full = run(None)
@@ -156,7 +209,9 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
              max_length: int | None = None, check_images: bool = True, full_image_check: bool = True,
              overflow: str = "truncate", max_pixels: int | None = DEFAULT_MAX_PIXELS,
              max_side: int | None = DEFAULT_MAX_SIDE, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
-             workers: int | None = None, progress: bool = False, tokenization: str = "llm") -> list[Problem]:
+             workers: int | None = None, progress: bool = False, tokenization: str = "llm",
+             video_token_id: int | None = None, video_tokens=None,
+             video_limits: VideoLimits | None = None) -> list[Problem]:
     """Every problem with the samples, sorted by index: the readers' (if `data` is a reader's
     ``(conversations, problems)``) plus structural, image, duplicate-id and, with a tokenizer and a
     template (a `Template` or its name), supervision and length checks.
@@ -169,7 +224,9 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
     Given a plain list of conversations, only the new problems are returned.
     ``tokenization`` is the model's (``processor.tokenization``; see `llavakit.data.tokenize`);
     ``image_tokens`` its placeholder count per image: an int, or a function of the conversation
-    returning one count per image (`llavakit.data.dataset.image_token_counts`).
+    returning one count per image (`llavakit.data.dataset.image_token_counts`); ``video_token_id`` /
+    ``video_tokens`` the same for videos (models with a ``<video>`` token; ``video_tokens`` a function of the
+    conversation returning one count per video). Videos are checked against ``video_limits`` (`VideoLimits`).
     """
     convs, problems = _split(data)
     encode = None
@@ -182,6 +239,9 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
             template = get_template(template, tokenizer)
     limits = ImageLimits(max_pixels, max_side, max_aspect_ratio)
     image_problems = _check_images(convs, limits, full_image_check, workers, progress) if check_images else {}
+    if check_images:
+        for pos, found in _check_videos(convs, limits, video_limits or VideoLimits(), full_image_check).items():
+            image_problems.setdefault(pos, []).extend(found)
     first_with_id: dict[tuple, int] = {}
     for pos, conv in enumerate(convs):
         found = _structure(conv) + image_problems.get(pos, []) + special_text_warnings(conv, tokenizer)
@@ -196,7 +256,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
         # Tokenize only what is well-formed: a broken sample already has its reason.
         if encode is not None and not any(sev == "error" for sev, _, _ in found):
             found += _tokens(conv, encode, template, tokenizer, image_token_id, image_tokens, max_length,
-                             overflow, tokenization)
+                             overflow, tokenization, video_token_id, video_tokens)
         problems += [Problem(conv.index, conv.id, sev, reason, hint, conv.source) for sev, reason, hint in found]
     problems.sort(key=lambda p: p.index)
     return problems
