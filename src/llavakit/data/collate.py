@@ -4,7 +4,11 @@ Both take `SupervisedDataset` items (``input_ids`` [L], ``labels`` [L], ``pixel_
 None, ``num_images``, ``image_sizes`` [n, 2] when counts depend on sizes) and concatenate the images of the
 batch in sample order, which is the order their placeholders appear in the flattened ``input_ids``, so the
 model's single ``masked_scatter`` puts each image in its own sample; ``batch_num_images`` [B] says how many
-images each sample has (`image_fields`).
+images each sample has (`image_fields`). Videos (items with ``pixel_values_videos`` [V_i, F_i, 3, H, W] and
+``video_num_frames`` [V_i]) go the same way: ``pixel_values_videos`` [V_total, F_max, 3, H, W] in the order of the
+``<video>`` placeholders across the batch (a shorter video's frames followed by zero frames) and
+``video_num_frames`` [V_total]; both are left out when the batch has no video. Videos are not images:
+``batch_num_images`` does not count them (transformers' LlavaOnevision neither).
 
 Packing (transformers 5.x): all samples go in one row [1, ΣL] with ``position_ids`` restarting at 0 per
 sample and *no* ``attention_mask``. transformers' ``masking_utils.find_packed_sequence_indices`` then
@@ -57,6 +61,24 @@ def image_fields(features: list[dict]) -> dict:
     return out
 
 
+def video_fields(features: list[dict]) -> dict:
+    """``pixel_values_videos`` [V_total, F_max, 3, H, W] (zero frames after a shorter video's own) and
+    ``video_num_frames`` [V_total], in sample order (= the order of the ``<video>`` placeholders); {} without videos."""
+    videos = [(f["pixel_values_videos"], f["video_num_frames"]) for f in features
+              if f.get("pixel_values_videos") is not None and len(f["pixel_values_videos"])]
+    if not videos:
+        return {}
+    most = max(int(pv.shape[1]) for pv, _ in videos)
+    first = videos[0][0]
+    out = first.new_zeros(sum(int(pv.shape[0]) for pv, _ in videos), most, *first.shape[2:])
+    at = 0
+    for pv, _ in videos:
+        out[at:at + pv.shape[0], :pv.shape[1]] = pv
+        at += pv.shape[0]
+    frames = torch.cat([_as_long(n).reshape(-1) for _, n in videos])
+    return {"pixel_values_videos": out, "video_num_frames": frames}
+
+
 def _as_long(x) -> torch.Tensor:
     return x.long() if torch.is_tensor(x) else torch.tensor(x, dtype=torch.long)
 
@@ -90,6 +112,7 @@ class PadCollator:
             input_ids[i, sl], out_labels[i, sl], mask[i, sl] = x, y, 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": out_labels}
         batch.update(image_fields(features))
+        batch.update(video_fields(features))
         return batch
 
 
@@ -121,6 +144,7 @@ class PackingCollator:
             cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [B+1]
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
         batch.update(image_fields(features))
+        batch.update(video_fields(features))
         return batch
 
 

@@ -3,8 +3,15 @@
 Tokenization happens once, up front (fast tokenizers; a large dataset in forked worker processes,
 `encode_all`), so the exact length of every sample (image placeholders included) is known before
 training starts: the length-grouped sampler and the packer use it, and the report of kept /
-truncated / dropped / skipped samples is printed before the first step. Images are decoded lazily in
-`__getitem__`, i.e. in the dataloader workers. Token ids live in a `TokenStore`: one flat int32
+truncated / dropped / skipped samples is printed before the first step. Images and videos are decoded lazily in
+`__getitem__`, i.e. in the dataloader workers.
+
+**Video counts.** A video's placeholder count follows from its sampled frame count
+(``processor.num_video_tokens``), which up front is read from the file's metadata (`video_frame_counts`, nothing
+decoded; a list of frames is exact) and stored with the sample. If decoding finds fewer frames than the metadata
+promised (a file whose header overstates its length), `__getitem__` rewrites that video's placeholder run to the
+decoded count, so the model always gets one feature per placeholder; only the sampler's length for that sample was
+an estimate. Token ids live in a `TokenStore`: one flat int32
 array plus offsets, labels as supervised spans (rebuilt on access), which the start-up cache
 (`llavakit.data.token_cache`) memory-maps on a re-run.
 """
@@ -24,7 +31,8 @@ from .conversation import Conversation, Problem, SampleError
 from .images import ImageError, ImageLimits
 from .templates import Template, get_template
 from .token_store import StoreBuilder, TokenStore, supervised_spans
-from .tokenize import OverlongError, encode
+from .tokenize import IGNORE_INDEX, OverlongError, encode
+from .video import VideoError, VideoLimits, load_video, probe_video, sampled_frame_count
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +85,55 @@ def image_token_counts(conv: Conversation, processor, limits: ImageLimits | None
     return sizes, processor.image_token_counts(sizes)
 
 
+def video_frame_counts(conv: Conversation, processor, limits: VideoLimits | None = None,
+                       memo: dict | None = None) -> list[int]:
+    """Sampled frames of each of the conversation's videos, as the processor samples them (``video_max_frames`` /
+    ``video_fps``): a file's from its metadata (`probe_video`, nothing decoded), a frame list's exactly; a
+    `SampleError` naming the video when it is unusable or over ``limits``. [] for a model without videos."""
+    if not conv.videos or getattr(processor, "video_token_id", None) is None:
+        return []
+    limits = limits or VideoLimits()
+    out = []
+    for k, ref in enumerate(conv.videos):
+        try:
+            if isinstance(ref, (list, tuple)):
+                if not ref:
+                    raise VideoError("video has no frames", "the frame list is empty")
+                out.append(min(len(ref), processor.video_max_frames))
+                continue
+            key = str(ref)
+            if memo is not None and ("video", key) in memo:
+                info = memo[("video", key)]
+            else:
+                info = probe_video(key, limits)
+                if memo is not None:
+                    memo[("video", key)] = info
+            out.append(sampled_frame_count(info.frames, processor.video_max_frames, processor.video_fps, info.fps))
+        except VideoError as e:
+            raise SampleError.of(conv, f"video {k} cannot be used: {e}", e.hint or "fix or remove the video") from e
+    return out
+
+
 def encode_sample(conv: Conversation, processor, template: Template, max_length: int | None, overflow: str,
-                  limits: ImageLimits | None = None, memo: dict | None = None):
-    """(image sizes or None, `EncodedSample`) of one conversation with the processor's counts for the images that
+                  limits: ImageLimits | None = None, memo: dict | None = None,
+                  video_limits: VideoLimits | None = None):
+    """(image sizes or None, video frame counts, `EncodedSample`) of one conversation with the processor's counts
+    (videos: `video_frame_counts`) for the images that
     *survive* truncation. Under ``anyres_max`` an image's count depends on how many images its sample has (base
     tile + newline each when several): when truncation leaves one image of several, it is encoded again with
     that image's single-image (tiled) count, so the model, told the sample has one image, produces exactly it."""
     sizes, counts = image_token_counts(conv, processor, limits, memo)
+    frames = video_frame_counts(conv, processor, video_limits, memo)
+    video = dict(video_token_id=getattr(processor, "video_token_id", None),
+                 video_tokens=[processor.num_video_tokens(f) for f in frames])
     enc = encode(conv, template, processor.tokenizer, processor.image_token_id, counts, max_length=max_length,
-                 overflow=overflow, tokenization=processor.tokenization)
+                 overflow=overflow, tokenization=processor.tokenization, **video)
     if getattr(processor, "image_tokens", "base") == "anyres_max" and len(conv.images) > 1 and enc.num_images == 1:
         counts = processor.image_token_counts(sizes[:1]) + list(counts[1:])  # the kept image, now alone: tiled
         # longer than before, so at most that one image survives again, and its count is then right
         enc = encode(conv, template, processor.tokenizer, processor.image_token_id, counts, max_length=max_length,
-                     overflow=overflow, tokenization=processor.tokenization)
-    return sizes, enc
+                     overflow=overflow, tokenization=processor.tokenization, **video)
+    return sizes, frames, enc
 
 
 # --- encoding every sample, in worker processes when there are many --------------------------------
@@ -101,18 +143,20 @@ PARALLEL_FROM = 4 * CHUNK  # fewer samples than this are encoded in this process
 
 
 def _encode_range(bounds: tuple[int, int]) -> list[tuple]:
-    """(position, (ids, spans, n_images, sizes, truncated) or None, problem or None, overlong) per sample."""
+    """(position, (ids, spans, n_images, sizes, truncated, n_videos, frames) or None, problem or None, overlong) per
+    sample."""
     convs, processor, template, max_length, overflow, limits = _JOB
     out, memo = [], {}
     for pos in range(*bounds):
         conv = convs[pos]
         try:
-            sizes, enc = encode_sample(conv, processor, template, max_length, overflow, limits, memo)
+            sizes, frames, enc = encode_sample(conv, processor, template, max_length, overflow, limits, memo)
         except SampleError as e:  # returned, not raised: a worker's exception would lose its `problem`
             out.append((pos, None, e.problem, isinstance(e, OverlongError)))
             continue
         ids = np.asarray(enc.input_ids, dtype=np.int32)
-        out.append((pos, (ids, supervised_spans(enc.labels), enc.num_images, sizes, enc.truncated), None, False))
+        out.append((pos, (ids, supervised_spans(enc.labels), enc.num_images, sizes, enc.truncated, enc.num_videos,
+                           frames), None, False))
     return out
 
 
@@ -184,8 +228,8 @@ class SupervisedDataset(Dataset):
                     report.skipped += 1
                     report.skipped_indices.append(problem.index)
                 continue
-            ids, spans, n_images, sizes, truncated = done
-            builder.add(conversations[pos], ids, spans, n_images, sizes)
+            ids, spans, n_images, sizes, truncated, n_videos, frames = done
+            builder.add(conversations[pos], ids, spans, n_images, sizes, n_videos, frames)
             report.truncated += int(truncated)
         self._adopt(builder.finish(), report)
         if report.dropped or report.skipped or report.truncated:
@@ -206,13 +250,15 @@ class SupervisedDataset(Dataset):
         self.template = get_template(template, processor.tokenizer) if isinstance(template, str) else template
         self.image_limits = image_limits or ImageLimits()
         self.image_loader = image_loader or self.image_limits.open  # picklable, for dataloader workers
+        self.video_limits = VideoLimits()
 
     def _adopt(self, store: TokenStore, report: DatasetReport) -> None:
         self.store, self.report = store, report
         report.kept = len(store)
         # Exact lengths (image placeholders included) and modality, for samplers and packers.
         self.lengths: list[int] = store.lengths()
-        self.has_image: list[bool] = (np.asarray(store.n_images) > 0).tolist()
+        # image or video: the sampler keeps these and text-only samples apart where it can
+        self.has_image: list[bool] = ((np.asarray(store.n_images) > 0) | (np.asarray(store.n_videos) > 0)).tolist()
         self._with_sizes = store.has_sizes
 
     def __len__(self) -> int:
@@ -225,6 +271,9 @@ class SupervisedDataset(Dataset):
 
     def num_images(self, i: int) -> int:
         return int(self.store.n_images[i])
+
+    def num_videos(self, i: int) -> int:
+        return int(self.store.n_videos[i])
 
     def image_sizes(self, i: int) -> torch.Tensor | None:
         """[n, 2] (width, height) of sample i's images when the token policy needs them, else None."""
@@ -254,4 +303,46 @@ class SupervisedDataset(Dataset):
         item = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_images": self.num_images(i)}
         if self._with_sizes:
             item["image_sizes"] = self.image_sizes(i)
+        if self.num_videos(i):
+            item["input_ids"], item["labels"], item["pixel_values_videos"], item["video_num_frames"] = \
+                self._videos(i, ids, labels)
         return item
+
+    def _videos(self, i: int, ids: torch.Tensor, labels: torch.Tensor):
+        """Sample i's videos decoded: (ids, labels) with each video's placeholders = its decoded frames' count (see
+        the module docstring), pixel_values_videos [V, F_max, 3, H, W], video_num_frames [V]."""
+        proc = self.processor
+        videos = []
+        for k, ref in enumerate(self.store.videos(i)):
+            try:
+                videos.append(load_video(ref, proc.video_max_frames, proc.video_fps, self.video_limits,
+                                         self.image_limits.max_pixels))
+            except Exception as e:
+                raise SampleError.of(self.conversation(i), f"video {k} cannot be used: {e}",
+                                     getattr(e, "hint", "") or "fix or remove the video (run `llavakit data check`)"
+                                     ) from e
+        stored = self.store.video_frames(i)
+        if [len(v) for v in videos] != stored:
+            log.warning("%s: decoding found %s sampled frames where the metadata said %s; its video placeholders "
+                        "follow the decoded frames", self.conversation(i).label, [len(v) for v in videos], stored)
+            ids, labels = recount_videos(ids, labels, proc.video_token_id, [proc.num_video_tokens(f) for f in stored],
+                                         [proc.num_video_tokens(len(v)) for v in videos])
+        pixel_values_videos, video_num_frames = proc.preprocess_videos(videos)
+        return ids, labels, pixel_values_videos, video_num_frames
+
+
+def recount_videos(ids: torch.Tensor, labels: torch.Tensor, video_token_id: int, old: list[int], new: list[int]):
+    """(ids, labels) with the placeholder run of video k (``old[k]`` ids, in order) made ``new[k]`` long."""
+    keep_ids, keep_labels, at, k = [], [], 0, 0
+    where = (ids == video_token_id).nonzero().flatten().tolist()
+    pos = 0
+    while k < len(old) and pos < len(where):
+        start = where[pos]
+        keep_ids.append(ids[at:start])
+        keep_labels.append(labels[at:start])
+        keep_ids.append(torch.full((new[k],), video_token_id, dtype=ids.dtype))
+        keep_labels.append(torch.full((new[k],), IGNORE_INDEX, dtype=labels.dtype))
+        at, pos, k = start + old[k], pos + old[k], k + 1
+    keep_ids.append(ids[at:])
+    keep_labels.append(labels[at:])
+    return torch.cat(keep_ids), torch.cat(keep_labels)

@@ -4,13 +4,14 @@ A training run reads every row, checks every image and tokenizes every conversat
 first step. `prepare` does that once and writes the result — the `TokenStore` arrays, the problems
 found and the report — to one file; the next run with the same inputs memory-maps it instead.
 
-**The key** is a hash of everything that changes the result: each data file's content (and a
-mixture YAML's), ``data.train`` / ``image_folder`` / ``format`` / ``seed``, the tokenizer (its full
-serialized form: vocabulary, merges, added tokens, normalizer...), the template, the processor's
-image-token policy, ``max_length`` / ``overflow``, the image limits and ``check_images``, and this
-module's `CACHE_VERSION`. Images are not hashed: their size and mtime are stored, and a hit whose
-images changed on disk is rebuilt. A file that is truncated or corrupt (magic, header, sizes,
-CRC-32 of the arrays) is rebuilt too, with a log line; a hit is logged.
+**The key** is a hash of everything that changes the result: each data file's content (and a mixture YAML's),
+``data.train`` / ``image_folder`` / ``format`` / ``seed``, the tokenizer (its full serialized form:
+vocabulary, merges, added tokens, normalizer...), the template, the processor's image-token policy and video
+sampling (``video_max_frames`` / ``video_fps``: every plain processor setting), ``max_length`` / ``overflow``,
+the image limits and ``check_images``, and this module's `CACHE_VERSION`. Images and videos (files and frame
+files) are not hashed: their size and mtime are stored, and a hit whose images or videos changed on disk is
+rebuilt (a video's frame count, read from its metadata, is cached with it). A file that is truncated or
+corrupt (magic, header, sizes, CRC-32 of the arrays) is rebuilt too, with a log line; a hit is logged.
 
 **The file** (``startup-<key>.llkt``): 8 magic bytes, the header length, a JSON header (key, meta,
 each array's dtype / shape / offset, the CRC), then the arrays, each 64-byte aligned so that
@@ -39,8 +40,8 @@ from .token_store import Strings, TokenStore
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when what the cache holds, or how the data is tokenized, changes (2: anyres_max
-# recounts an image left alone by truncation, `dataset.encode_sample`)
+CACHE_VERSION = 3  # bump when what the cache holds, or how the data is tokenized, changes (2: anyres_max
+# recounts an image left alone by truncation, `dataset.encode_sample`; 3: video columns and counts)
 ENV_DIR = "LLAVAKIT_DATA_CACHE"  # default cache folder for every run (data.cache_dir wins)
 MAGIC = b"LLKTOK01"
 ALIGN = 64
@@ -209,10 +210,14 @@ def image_stats(paths: Sequence[str]) -> np.ndarray:
 
 
 def image_paths(convs: Sequence[Conversation]) -> list[str] | None:
-    """Every distinct image path of `convs`, sorted; None if some image is not a path (not cacheable)."""
+    """Every distinct image and video path of `convs` (a video's frame files too), sorted; None if some image or
+    frame is not a path (not cacheable)."""
     paths = set()
     for c in convs:
-        for ref in c.images:
+        refs = list(c.images)
+        for v in c.videos:
+            refs += list(v) if isinstance(v, (list, tuple)) else [v]
+        for ref in refs:
             if not isinstance(ref, str):
                 return None
             paths.add(ref)

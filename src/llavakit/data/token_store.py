@@ -1,12 +1,12 @@
 """`TokenStore`: a tokenized dataset as a few flat numpy arrays, not Python lists of ints.
 
-One ``int32`` array holds the token ids of every sample back to back (``offsets`` [N+1] cut it);
-labels are not stored: a sample's supervised positions are a few ``[start, end)`` spans
-(``spans`` [S, 2], cut by ``span_offsets`` [N+1]), and a label is its token id there and
-``IGNORE_INDEX`` elsewhere. Image references are indices into one table of distinct paths, sample
-ids and sources are packed UTF-8 (`Strings`). Every column is a plain array, so the start-up cache
-(`llavakit.data.token_cache`) writes them to one file and memory-maps them back: a re-run holds
-almost nothing resident until a sample is read.
+One ``int32`` array holds the token ids of every sample back to back (``offsets`` [N+1] cut it); labels are not
+stored: a sample's supervised positions are a few ``[start, end)`` spans (``spans`` [S, 2], cut by ``span_offsets``
+[N+1]), and a label is its token id there and ``IGNORE_INDEX`` elsewhere. Image and video references are indices
+into one table of distinct paths (a video given as frames is one entry: its frame paths joined by NUL after a
+leading NUL, `video_entry`), with each video's sampled frame count beside it; sample ids and sources are packed
+UTF-8 (`Strings`). Every column is a plain array, so the start-up cache (`llavakit.data.token_cache`) writes them
+to one file and memory-maps them back: a re-run holds almost nothing resident until a sample is read.
 """
 
 from __future__ import annotations
@@ -19,6 +19,22 @@ import torch
 from .conversation import Conversation
 
 IGNORE_INDEX = -100
+FRAMES = "\x00"  # no path holds a NUL: a table entry starting with one is a video's frame paths, NUL-separated
+
+
+def video_entry(ref: Any) -> Any:
+    """A video reference as a table entry: a path as is, a list of frame paths as one string (`video_of` reverses
+    it); anything else (frames held as bytes or PIL images) as the object itself (then not cacheable)."""
+    if isinstance(ref, (list, tuple)) and all(isinstance(f, str) for f in ref):
+        return FRAMES + FRAMES.join(ref)
+    return ref
+
+
+def video_of(entry: Any) -> Any:
+    """The video reference a table entry stands for (`video_entry`)."""
+    if isinstance(entry, str) and entry.startswith(FRAMES):
+        return entry[1:].split(FRAMES)
+    return entry
 
 
 class Strings:
@@ -67,6 +83,9 @@ class StoreBuilder:
         self.n_images: list[int] = []
         self.images: list[int] = []  # table positions, sample after sample
         self.sizes: list[tuple[int, int]] | None = [] if with_sizes else None
+        self.n_videos: list[int] = []
+        self.videos: list[int] = []  # table positions of the videos, sample after sample
+        self.video_frames: list[int] = []  # each video's sampled frame count (its placeholders follow from it)
         self.index: list[int] = []
         self.sample_ids: list[str | None] = []
         self.sources: list[int] = []
@@ -83,13 +102,16 @@ class StoreBuilder:
         return k
 
     def add(self, conv: Conversation, ids: np.ndarray, spans: np.ndarray, n_images: int,
-            sizes: Sequence[tuple[int, int]] | None) -> None:
+            sizes: Sequence[tuple[int, int]] | None, n_videos: int = 0, frames: Sequence[int] = ()) -> None:
         self.ids.append(ids)
         self.spans.append(spans)
         self.n_images.append(n_images)
         self.images += [self._ref(ref) for ref in conv.images[:n_images]]
         if self.sizes is not None:
             self.sizes += [tuple(s) for s in (sizes or [])[:n_images]]
+        self.n_videos.append(n_videos)
+        self.videos += [self._ref(video_entry(ref)) for ref in conv.videos[:n_videos]]
+        self.video_frames += [int(f) for f in list(frames)[:n_videos]]
         self.index.append(conv.index)
         self.sample_ids.append(conv.id)
         self.sources.append(self._source_names.setdefault(conv.source, len(self._source_names)))
@@ -109,6 +131,10 @@ class StoreBuilder:
             "n_images": n_images,
             "image_offsets": np.concatenate(([0], np.cumsum(n_images, dtype=np.int64))),
             "images": np.asarray(self.images, dtype=np.int32),
+            "n_videos": np.asarray(self.n_videos, dtype=np.int32),
+            "video_offsets": np.concatenate(([0], np.cumsum(np.asarray(self.n_videos, dtype=np.int64)))),
+            "videos": np.asarray(self.videos, dtype=np.int32),
+            "video_frames": np.asarray(self.video_frames, dtype=np.int32),
             "index": np.asarray(self.index, dtype=np.int64),
             "source": np.asarray(self.sources, dtype=np.int32),
         }
@@ -139,6 +165,11 @@ class TokenStore:
         self._sample_ids = Strings.of(arrays, "id")
         self._source_names = Strings.of(arrays, "source_names")
         self.n_images = arrays["n_images"]
+        n = len(self.n_images)  # a store without video columns (built before videos) has none
+        self.n_videos = arrays.get("n_videos", np.zeros(n, np.int32))
+        self._video_offsets = arrays.get("video_offsets", np.zeros(n + 1, np.int64))
+        self._videos = arrays.get("videos", np.zeros(0, np.int32))
+        self._video_frames = arrays.get("video_frames", np.zeros(0, np.int32))
 
     def __len__(self) -> int:
         return len(self.n_images)
@@ -164,6 +195,16 @@ class TokenStore:
         a, b = int(self._image_offsets[i]), int(self._image_offsets[i + 1])
         return [self.table[int(k)] for k in self._images[a:b]]
 
+    def videos(self, i: int) -> list[Any]:
+        """The references of sample i's videos that survived truncation (a path or a list of frame paths)."""
+        a, b = int(self._video_offsets[i]), int(self._video_offsets[i + 1])
+        return [video_of(self.table[int(k)]) for k in self._videos[a:b]]
+
+    def video_frames(self, i: int) -> list[int]:
+        """Sampled frames of each of sample i's videos, as counted when it was tokenized."""
+        a, b = int(self._video_offsets[i]), int(self._video_offsets[i + 1])
+        return [int(f) for f in self._video_frames[a:b]]
+
     def sizes(self, i: int) -> list[tuple[int, int]] | None:
         if self._sizes is None:
             return None
@@ -173,4 +214,4 @@ class TokenStore:
     def sample(self, i: int) -> Conversation:
         """Sample i's identity and images as a `Conversation` without turns (the text is not kept)."""
         return Conversation([], self.images(i), id=self._sample_ids[i], index=int(self.arrays["index"][i]),
-                            source=self._source_names[int(self.arrays["source"][i])] or "")
+                            source=self._source_names[int(self.arrays["source"][i])] or "", videos=self.videos(i))
