@@ -130,19 +130,20 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     return metrics
 
 
-def _sample_conversation(model, processor, rows, image_folder) -> str:
-    """A two-turn exchange about one held-out image, as text (prompted as `llavakit chat` does)."""
+def _sample_conversation(model, processor, rows, image_folder, types=("colour", "shape")) -> str:
+    """A two-turn exchange about one held-out image, as text (prompted as `llavakit chat` does): the first
+    held-out question of `types[0]` with its image, then the question text of `types[1]` about the same image."""
     from PIL import Image
 
     from llavakit.data.conversation import Turn
     from llavakit.infer.generate import GenerationSettings, Generator
 
     generator = Generator(model, processor)
-    row = next(r for r in rows if r["type"] == "colour")
+    row = next(r for r in rows if r["type"] == types[0])
     names = [row["image"]]
     images = [Image.open(Path(image_folder) / n).convert("RGB") for n in names]
-    shape_q = next(r for r in rows if r["type"] == "shape")["question"].replace("<image>", "").strip()
-    questions = [row["question"], shape_q]  # the world's own phrasing; the first carries the image
+    second_q = next(r for r in rows if r["type"] == types[1])["question"].replace("<image>", "").strip()
+    questions = [row["question"], second_q]  # the world's own phrasing; the first carries the image
     turns, lines = [], [f"[image: {', '.join(names)}]"]
     for q in questions:
         turns.append(Turn("user", q))

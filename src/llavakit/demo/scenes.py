@@ -94,20 +94,24 @@ def draw(scene: Scene) -> Image.Image:
     fill = tuple(max(0, min(255, v + t)) for v, t in zip(COLOURS[scene.colour], scene.tint))
     s = SIZES[scene.size]
     for (row, col), (dx, dy) in zip(scene.cells, scene.offsets):
-        x0, y0 = col * CELL + dx, row * CELL + dy
-        x1, y1 = x0 + s - 1, y0 + s - 1
-        if scene.shape == "circle":
-            d.ellipse([x0, y0, x1, y1], fill=fill)
-        elif scene.shape == "square":
-            d.rectangle([x0, y0, x1, y1], fill=fill)
-        elif scene.shape == "triangle":
-            d.polygon([(x0 + (s - 1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:  # cross: a plus sign with arms one third of the size thick
-            t0, t1 = x0 + s // 3, x0 + s - 1 - s // 3
-            u0, u1 = y0 + s // 3, y0 + s - 1 - s // 3
-            d.rectangle([t0, y0, t1, y1], fill=fill)
-            d.rectangle([x0, u0, x1, u1], fill=fill)
+        draw_shape(d, scene.shape, col * CELL + dx, row * CELL + dy, s, fill)
     return img
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, s: int, fill: tuple[int, int, int]) -> None:
+    """One shape of side `s` px with its top-left corner at (x0, y0) (also the high-resolution demo's big object)."""
+    x1, y1 = x0 + s - 1, y0 + s - 1
+    if shape == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        d.rectangle([x0, y0, x1, y1], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(x0 + (s - 1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # cross: a plus sign with arms one third of the size thick
+        t0, t1 = x0 + s // 3, x0 + s - 1 - s // 3
+        u0, u1 = y0 + s // 3, y0 + s - 1 - s // 3
+        d.rectangle([t0, y0, t1, y1], fill=fill)
+        d.rectangle([x0, u0, x1, u1], fill=fill)
 
 
 def position_words(cell: tuple[int, int]) -> str:
