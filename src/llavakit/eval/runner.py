@@ -5,11 +5,14 @@ One JSON object per line::
     {"id": "q1", "question": "What colour is the bus?", "image": "val/1.jpg", "answers": ["red", "red", ...]}
     {"id": "q2", "question": "Which is bigger?", "images": ["a.jpg", "b.jpg"], "answer": "left"}
     {"id": "q3", "question": "Which animal can fly?", "image": "3.jpg", "choices": ["cat", "bird"], "answer": "B"}
+    {"id": "q4", "question": "Which way does it move?", "video": "clips/4.mp4", "answer": "left"}
 
 ``id`` (or ``question_id``) defaults to the line's index; ``answers`` may also be VQAv2-style
 ``[{"answer": ...}, ...]``. Without ``<image>`` in the question, one ``<image>`` line per image goes
 before it (LLaVA's layout); with markers, their number must equal the number of images. Choices
 are listed under the question as ``A. ...`` lines unless the question already contains them.
+``video`` (a file path, or a list of frame image paths: one video) or ``videos`` (a list of them) is asked the
+same way with ``<video>`` (models that take videos: ``image_tokens: anyres_max`` with a ``<video>`` token).
 
 The output folder holds ``run.json`` (what produced it), ``predictions.jsonl`` (one line per
 sample, appended after every batch, so an interrupted run resumes where it stopped) and
@@ -24,12 +27,13 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from llavakit.data.conversation import IMAGE_MARKER, Turn
-from llavakit.eval.metrics import Metric, get_metric, option_letters
+from llavakit.eval.metrics import Metric, get_metric
+from llavakit.eval.samples import EvalDataError, EvalSample, read_samples, sample_turns
+
+__all__ = ["EvalDataError", "EvalSample", "PREDICTIONS", "evaluate", "read_samples", "sample_turns"]
 
 log = logging.getLogger(__name__)
 
@@ -44,163 +48,7 @@ RESUME_KEYS = ("model", "model_fingerprint", "data", "data_sha256", "image_folde
 _FINGERPRINT_BYTES = 1 << 20
 
 
-class EvalDataError(ValueError):
-    """Rows of an evaluation file that cannot be evaluated; the message lists each one."""
-
-
-@dataclass
-class EvalSample:
-    index: int  # 0-based position among the file's rows
-    line: int  # 1-based line number in the file
-    id: str
-    question: str
-    images: list[str]
-    answers: list
-    choices: list[str] | None = None
-
-    def label(self, source: str) -> str:
-        return f"{source} line {self.line} (sample #{self.index}, id={self.id!r})"
-
-
-# --- reading --------------------------------------------------------------------------------------
-
-def _answers_of(row: dict) -> tuple[list | None, str | None]:
-    if "answers" in row:
-        raw = row["answers"]
-        if not isinstance(raw, list):
-            return None, "`answers` must be a list (of strings, or of {'answer': ...} objects)"
-        out = []
-        for a in raw:
-            if isinstance(a, dict):
-                if "answer" not in a:
-                    return None, "an entry of `answers` is an object without an 'answer' key"
-                a = a["answer"]
-            if not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                return None, f"`answers` holds {type(a).__name__} values; use strings"
-            out.append(a if isinstance(a, int) and "choices" in row else str(a))
-        return out, None
-    if "answer" in row:
-        a = row["answer"]
-        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
-            return None, f"`answer` is a {type(a).__name__}; use a string (or a choice index)"
-        return [a if isinstance(a, int) and "choices" in row else str(a)], None
-    return [], None
-
-
-def _images_of(row: dict, base: Path) -> tuple[list[str] | None, str | None]:
-    if "image" in row and "images" in row:
-        return None, "has both `image` and `images`; keep one"
-    raw = row.get("images", row.get("image"))
-    if raw is None:
-        return [], None
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
-        return None, "`image` must be a path string and `images` a list of path strings"
-    return [str(p if Path(p).is_absolute() else base / p) for p in raw], None
-
-
-def read_samples(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
-                 metric: Metric | None = None, check_images: bool = True) -> list[EvalSample]:
-    """Parse and check every row; raise `EvalDataError` listing all bad rows (up to 20 shown).
-
-    Relative image paths are resolved against ``image_folder`` (default: the data file's folder).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: no such file; --data must point at a JSONL file")
-    base = Path(image_folder) if image_folder is not None else path.parent
-    samples: list[EvalSample] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    index = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            i, index = index, index + 1
-            where = f"{path} line {line_no} (sample #{i}"
-
-            def bad(what: str, fix: str, ident=None) -> None:
-                ident_s = f", id={ident!r}" if ident is not None else ""
-                problems.append(f"{where}{ident_s}): {what} -> {fix}")
-
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                bad(f"not valid JSON ({e.msg} at column {e.colno})", "write one JSON object per line")
-                continue
-            if not isinstance(row, dict):
-                bad(f"is a JSON {type(row).__name__}, not an object", "write one JSON object per line")
-                continue
-            ident = row.get("id", row.get("question_id", i))
-            ident = str(ident)
-            if ident in seen:
-                bad(f"repeats the id of sample #{seen[ident]}", "give every sample a unique `id`", ident)
-                continue
-            seen[ident] = i
-            question = row.get("question")
-            if not isinstance(question, str) or not question.strip():
-                bad("has no `question` string", "add the question text as `question`", ident)
-                continue
-            images, err = _images_of(row, base)
-            if err:
-                bad(err, "fix the image field", ident)
-                continue
-            answers, err = _answers_of(row)
-            if err:
-                bad(err, "fix the answer field", ident)
-                continue
-            choices = row.get("choices")
-            if choices is not None and (not isinstance(choices, list) or not choices
-                                        or not all(isinstance(c, (str, int, float)) for c in choices)):
-                bad("`choices` must be a non-empty list of strings", "fix or drop `choices`", ident)
-                continue
-            choices = [str(c) for c in choices] if choices is not None else None
-            markers = question.count(IMAGE_MARKER)
-            if markers and markers != len(images):
-                bad(f"the question has {markers} {IMAGE_MARKER} marker(s) but the row gives {len(images)} image(s)",
-                    f"use one {IMAGE_MARKER} per image, or none (images then go before the question)", ident)
-                continue
-            if metric is not None:
-                err = metric.check(answers, choices)
-                if err:
-                    bad(err, f"fix the row or choose another --metric (now {metric.name!r})", ident)
-                    continue
-            if check_images:
-                missing = [p for p in images if not Path(p).is_file()]
-                if missing:
-                    bad(f"image not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""),
-                        "check the path and --image-folder (relative paths are resolved against it, "
-                        f"now {base})", ident)
-                    continue
-            samples.append(EvalSample(i, line_no, ident, question, images, answers, choices))
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise EvalDataError(f"{len(problems)} bad row(s) in {path}:\n  {shown}{more}")
-    if not samples:
-        raise EvalDataError(f"{path} has no samples (empty file?)")
-    return samples
-
-
-# --- prompts --------------------------------------------------------------------------------------
-
-def sample_turns(sample: EvalSample, suffix: str) -> list[Turn]:
-    """The one user turn asked for a sample (images first unless the question places them)."""
-    text = sample.question
-    if sample.choices:
-        letters = option_letters(len(sample.choices))
-        if not all(f"{letter}." in text for letter in letters):  # not already listed in the question
-            text += "\n" + "\n".join(f"{letter}. {c}" for letter, c in zip(letters, sample.choices))
-    text += suffix
-    if IMAGE_MARKER not in text:
-        text = (IMAGE_MARKER + "\n") * len(sample.images) + text
-    return [Turn("user", text)]
-
-
 # --- the output folder ----------------------------------------------------------------------------
-
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -301,6 +149,7 @@ def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLik
     from tqdm.auto import tqdm
 
     from llavakit.data.images import ImageError, ImageLimits
+    from llavakit.data.video import probe_video
     from llavakit.infer.generate import GenerationSettings
 
     metric = get_metric(metric) if isinstance(metric, str) else metric
@@ -320,12 +169,16 @@ def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLik
     if done:
         log.info("resuming: %d of %d samples already in %s", len(samples) - len(todo), len(samples), out_dir)
     limits = ImageLimits.of(max_pixels, max_side, max_aspect_ratio)
+    if any(s.videos for s in todo):
+        generator.processor.check_videos()  # a model without videos says so before anything runs
     for s in todo:  # headers only: a bad image stops the run now, not hours in
-        for p in s.images:
-            try:
+        try:
+            for p in s.images:
                 limits.size(p)
-            except ImageError as e:
-                raise EvalDataError(f"{s.label(source)}: {e} -> {e.hint}") from e
+            for v in s.videos:  # a file's metadata; a frame list's headers
+                probe_video(v) if isinstance(v, str) else [limits.size(f) for f in v]
+        except ImageError as e:  # a VideoError is one too
+            raise EvalDataError(f"{s.label(source)}: {e} -> {e.hint}") from e
 
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="eval", unit="sample",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -339,7 +192,12 @@ def evaluate(generator, samples: Sequence[EvalSample], out_dir: str | os.PathLik
                 except ImageError as e:
                     raise EvalDataError(f"{s.label(source)}: {e} -> {e.hint}") from e
                 conversations.append(sample_turns(s, suffix))
-            replies = generator.generate(conversations, images, settings)
+            videos = [s.videos for s in batch]
+            try:
+                replies = generator.generate(conversations, images, settings, videos=videos) if any(videos) else \
+                    generator.generate(conversations, images, settings)
+            except ImageError as e:  # a video that fails to decode
+                raise EvalDataError(f"{source}: a video of samples {[s.id for s in batch]}: {e} -> {e.hint}") from e
             for s, reply in zip(batch, replies):
                 record = {"id": s.id, "index": s.index, "question": s.question, "prediction": reply,
                           "answers": s.answers, "choices": s.choices}

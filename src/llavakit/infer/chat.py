@@ -4,6 +4,7 @@
     you> What is the cat doing?
     assistant> It is sleeping on a sofa.
     you> /image dog.jpg          (attach another image to the next question)
+    you> /video clip.mp4         (attach a video: anyres_max models with a <video> token)
     you> /reset                  (forget the conversation and its images)
     you> /quit                   (or Ctrl-D)
 """
@@ -15,6 +16,7 @@ import sys
 
 HELP = """commands:
   /image PATH   attach an image to your next message (several allowed)
+  /video PATH   attach a video file to your next message (models that take videos)
   /reset        start a new conversation (drops history and images)
   /help         show this help
   /quit         leave (Ctrl-D works too)"""
@@ -28,6 +30,8 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="image for the first message; repeat for several")
+    parser.add_argument("--video", action="append", default=[], metavar="PATH",
+                        help="video file for the first message (models that take videos); repeat for several")
     from llavakit.data.images import add_limit_arguments
 
     add_limit_arguments(parser)  # --max-pixels / --max-side / --max-aspect-ratio, checked before decoding
@@ -68,6 +72,19 @@ def open_chat_image(path: str, args):
     return limits_from_args(args).open(path)
 
 
+def attach_video(session, path: str) -> str | None:
+    """Read and sample the video at `path` into the session's next question; why not (shown), or None."""
+    from llavakit.data.video import VideoError
+
+    try:
+        session.add_video(path)
+    except VideoError as e:
+        return f"{e} -> {e.hint}"
+    except ValueError as e:  # the model takes no videos
+        return str(e)
+    return None
+
+
 def run(args) -> int:
     from llavakit.data.images import ImageError
     from llavakit.infer.generate import ChatSession, GenerationSettings
@@ -97,6 +114,11 @@ def run(args) -> int:
     session = ChatSession(generator, settings, system=args.system)
     for path, image in first_images:
         session.add_image(image)
+    for path in getattr(args, "video", None) or []:
+        problem = attach_video(session, path)
+        if problem:
+            print(f"llavakit chat: --video {path}: {problem}", file=sys.stderr)
+            return 2
     print(f"template: {generator.template.name}. Type a message; /help lists commands.", file=out)
     if first_images:
         print(f"[{len(first_images)} image(s) attached to your first message]", file=out)
@@ -129,6 +151,16 @@ def run(args) -> int:
             elif cmd == "/reset":
                 session.reset()
                 print("[conversation reset]", file=out)
+            elif cmd == "/video":
+                if not rest:
+                    print("usage: /video PATH", file=out)
+                    continue
+                problem = attach_video(session, rest)
+                if problem:
+                    print(f"[cannot use {rest}: {problem}]", file=out)
+                else:
+                    print(f"[video attached: {rest} ({len(session.pending_videos[-1])} frames); "
+                          f"{len(session.pending_videos)} waiting for your next message]", file=out)
             elif cmd == "/image":
                 if not rest:
                     print("usage: /image PATH", file=out)

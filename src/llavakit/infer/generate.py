@@ -9,7 +9,12 @@ become extra ``eos_token_id`` s, longer ones go to ``generate(stop_strings=...)`
 text that still reaches the output is cut off (`StopTrimmer`, which also holds back a stop
 string's first characters while streaming, so they never flash on screen).
 
-`ChatSession` is the multi-turn state (turns + images + images waiting for the next question)
+Videos (models with a ``<video>`` token, ``image_tokens: anyres_max``): ``videos[i]`` are conversation i's
+videos, in ``<video>`` marker order, each a file path or a list of frames; they are sampled as the processor
+says (``video_max_frames`` / ``video_fps``), each ``<video>`` expanded to the decoded frames' count, and sent as
+``pixel_values_videos`` [V, F_max, 3, H, W] + ``video_num_frames`` [V], as the training collators do.
+
+`ChatSession` is the multi-turn state (turns + images and videos + those waiting for the next question)
 that the terminal chat and the web page both drive.
 """
 
@@ -24,6 +29,7 @@ from PIL import Image
 from transformers import BatchFeature, StoppingCriteria
 
 from llavakit.data.conversation import IMAGE_MARKER, Turn, strip_markers
+from llavakit.data.video import VIDEO_MARKER
 
 FALLBACK_TEMPLATE = "vicuna_v1"  # models without a recorded template and without a chat_template
 
@@ -159,20 +165,40 @@ class Generator:
         """The prompt text (for display and logs; the ids come from `encode`)."""
         return self.template.render_prompt(turns)
 
-    def encode(self, conversations: Sequence[list[Turn]], images: Sequence[Sequence[Image.Image]]):
-        """Left-padded model inputs; ``images[i]`` are conversation i's images, in marker order."""
+    def load_videos(self, conversations: Sequence[list[Turn]], videos) -> list[list[list[Image.Image]]]:
+        """Each conversation's videos as sampled frames (a path is read, a frame list sampled); checks that the
+        model takes videos and that every conversation has one ``<video>`` per video."""
+        proc = self.processor
+        videos = [list(v) for v in videos] if videos is not None else [[] for _ in conversations]
+        if len(videos) != len(conversations):
+            raise ValueError(f"got {len(conversations)} conversations but {len(videos)} video lists")
+        video_id = getattr(proc, "video_token_id", None)
+        if any(videos):
+            proc.check_videos()  # a clear error for a model without videos
+        for i, (turns, vs) in enumerate(zip(conversations, videos)):
+            markers = sum(t.content.count(VIDEO_MARKER) for t in turns) if video_id is not None else 0
+            if markers != len(vs):
+                raise ValueError(f"conversation {i} has {markers} {VIDEO_MARKER} marker(s) but {len(vs)} video(s)")
+        return [[proc.load_videos([v])[0] for v in vs] for vs in videos]
+
+    def encode(self, conversations: Sequence[list[Turn]], images: Sequence[Sequence[Image.Image]], videos=None):
+        """Left-padded model inputs; ``images[i]`` are conversation i's images, in marker order; ``videos[i]`` its
+        videos (paths or frame lists; None: no videos)."""
         from llavakit.data.tokenize import encode_prompt
 
         if len(conversations) != len(images):
             raise ValueError(f"got {len(conversations)} conversations but {len(images)} image lists")
         proc = self.processor
+        frames = self.load_videos(conversations, videos)
+        video_id = getattr(proc, "video_token_id", None)
         ids = []
-        for i, (turns, ims) in enumerate(zip(conversations, images)):
+        for i, (turns, ims, vs) in enumerate(zip(conversations, images, frames)):
             markers = sum(t.content.count(IMAGE_MARKER) for t in turns)
             if markers != len(ims):
                 raise ValueError(f"conversation {i} has {markers} {IMAGE_MARKER} marker(s) but {len(ims)} image(s)")
             ids.append(encode_prompt(turns, self.template, self.tokenizer, proc.image_token_id,
-                                     proc.image_token_counts(ims), tokenization=proc.tokenization))
+                                     proc.image_token_counts(ims), tokenization=proc.tokenization,
+                                     video_token_id=video_id, video_tokens=[proc.num_video_tokens(len(v)) for v in vs]))
         batch = proc.pad(ids, padding_side="left")  # [B, L] ids and mask
         data = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         flat = [im for ims in images for im in ims]
@@ -183,6 +209,9 @@ class Generator:
             if proc.counts_depend_on_size:
                 data["image_sizes"] = proc.image_sizes(flat)  # [N_img, 2]
             data["batch_num_images"] = torch.tensor(per_sample, dtype=torch.long)  # [B], as the collators
+        flat_videos = [v for vs in frames for v in vs]
+        if flat_videos:  # [V, F_max, 3, H, W] in text order, + each video's real frames [V]
+            data["pixel_values_videos"], data["video_num_frames"] = proc.preprocess_videos(flat_videos)
         return BatchFeature(data).to(self.model.device)
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:
@@ -195,10 +224,10 @@ class Generator:
     # --- batched ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, conversations: Sequence[list[Turn]], images: Sequence[Sequence[Image.Image]],
-                 settings: GenerationSettings | None = None) -> list[str]:
+                 settings: GenerationSettings | None = None, videos=None) -> list[str]:
         """One reply per conversation. With greedy settings the replies do not depend on the batch."""
         settings = settings or GenerationSettings()
-        inputs = self.encode(conversations, images)
+        inputs = self.encode(conversations, images, videos)
         out = self.model.generate(**inputs, **self._generate_kwargs(settings))
         new = out[:, inputs["input_ids"].shape[1]:]  # [B, T_new]; rows that stopped early are padded
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -206,12 +235,12 @@ class Generator:
 
     # --- streamed ---------------------------------------------------------------------------------
     def stream(self, turns: list[Turn], images: Sequence[Image.Image],
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+               settings: GenerationSettings | None = None, videos: Sequence | None = None) -> Iterator[str]:
         """Yield the reply in pieces as the model produces them (generation runs in a thread)."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         settings = settings or GenerationSettings()
-        inputs = self.encode([turns], [images])
+        inputs = self.encode([turns], [images], None if videos is None else [videos])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()  # set when the consumer stops early (Ctrl-C, closed web page)
         failure: list[BaseException] = []
@@ -246,12 +275,13 @@ class Generator:
 
 @dataclass
 class ChatSession:
-    """Multi-turn chat state: finished turns, their images, and images waiting for the next question.
+    """Multi-turn chat state: finished turns, their images and videos, and those waiting for the next question.
 
     ``system`` replaces the template's default system prompt (sent as a leading system turn).
 
-    Images are re-sent with the whole conversation at every turn (no cache is kept between turns).
-    A turn's images are placed before its text, one ``<image>`` line each, as in LLaVA.
+    Images and videos are re-sent with the whole conversation at every turn (no cache is kept between turns).
+    A turn's images are placed before its text, one ``<image>`` line each, as in LLaVA, then its videos, one
+    ``<video>`` line each. A video is kept as its sampled frames (`Generator.load_videos`).
     """
 
     generator: Generator
@@ -260,28 +290,50 @@ class ChatSession:
     turns: list[Turn] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
     pending: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)  # each video's sampled frames
+    pending_videos: list[list[Image.Image]] = field(default_factory=list)
 
     def add_image(self, image: Image.Image) -> int:
         """Attach an image to the next question; returns how many are waiting."""
         self.pending.append(image)
         return len(self.pending)
 
+    def add_video(self, video) -> int:
+        """Attach a video (a file path or a list of frames) to the next question, read and sampled now (a
+        `VideoError` if unusable, a ValueError if the model takes no videos); returns how many are waiting."""
+        processor = self.generator.processor
+        processor.check_videos()
+        self.pending_videos.append(processor.load_videos([video])[0])
+        return len(self.pending_videos)
+
     def reset(self) -> None:
         self.turns, self.images, self.pending = [], [], []
+        self.videos, self.pending_videos = [], []
+
+    def clean(self, text: str) -> str:
+        """Typed (or generated) text with no image marker, nor video marker when the model takes videos: markers
+        come from attachments only."""
+        text = strip_markers(text)
+        if getattr(self.generator.processor, "video_token_id", None) is not None:
+            text = strip_markers(text, VIDEO_MARKER)
+        return text
 
     def user_turn(self, text: str) -> Turn:
-        # Markers come from attached images only; typed special-token text is tokenized as plain text.
-        return Turn("user", (IMAGE_MARKER + "\n") * len(self.pending) + strip_markers(text))
+        # Markers come from attachments only; typed special-token text is tokenized as plain text.
+        return Turn("user", (IMAGE_MARKER + "\n") * len(self.pending) + (VIDEO_MARKER + "\n") * len(self.pending_videos)
+                    + self.clean(text))
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the reply to ``text``; the exchange joins the history once the reply is complete."""
         turn = self.user_turn(text)
-        turns = ([Turn("system", strip_markers(self.system))] if self.system else []) + self.turns + [turn]
+        turns = ([Turn("system", self.clean(self.system))] if self.system else []) + self.turns + [turn]
         images = self.images + self.pending
+        videos = self.videos + self.pending_videos
         pieces = []
-        for piece in self.generator.stream(turns, images, self.settings):
+        for piece in self.generator.stream(turns, images, self.settings, videos=videos or None):
             pieces.append(piece)
             yield piece
         # A reply that spells <image> must not become an image marker in the next prompt.
-        self.turns += [turn, Turn("assistant", strip_markers("".join(pieces).strip()))]
+        self.turns += [turn, Turn("assistant", self.clean("".join(pieces).strip()))]
         self.images, self.pending = images, []
+        self.videos, self.pending_videos = videos, []
