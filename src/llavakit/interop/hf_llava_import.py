@@ -142,6 +142,7 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
     policy = POLICIES[hf_class]
     next_ = policy != "base"  # tiled: LLaVA-NeXT or OneVision
     projector_weights = dict(hf.model.multi_modal_projector.state_dict())
+    pinpoints, max_tiles = None, None  # the checkpoint's own (tiled policies), recorded by assemble
     if next_:
         pinpoints = check_grid_pinpoints(hf_cfg.image_grid_pinpoints, int(hf_cfg.vision_config.image_size))
         if [list(p) for p in image_processor.image_grid_pinpoints] != pinpoints:
@@ -177,10 +178,7 @@ def _import(hf_class, path, dtype, device_map, attn_implementation, hub_kwargs: 
         image_token=hp.image_token, image_token_id=hf_cfg.image_token_id, image_aspect=aspect,
         components={"hf-llava": str(path)}, chat_template=hp.chat_template,
         attn_implementation=hf_cfg._attn_implementation, generation_config=hf.generation_config,
-        tokenization="llm", **video)  # LlavaProcessor: one string, bos by the tokenizer
-    if next_:  # assemble gives the encoder-size defaults; the checkpoint's own pinpoints win
-        model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
-    if policy == "anyres_max":
-        model.config.anyres_max_tiles = processor.anyres_max_tiles = max_tiles
+        tokenization="llm", image_grid_pinpoints=pinpoints, anyres_max_tiles=max_tiles,  # the checkpoint's own
+        **video)  # LlavaProcessor: one string, bos by the tokenizer
     model.eval()
     return model, processor

@@ -14,9 +14,9 @@ import torch
 
 from ..data.conversation import IMAGE_MARKER
 from ..data.video import VIDEO_MARKER
-from .config import LlavakitConfig
+from .config import TILED_POLICIES, LlavakitConfig
 from .modeling import LlavakitForConditionalGeneration
-from .processor import LlavakitProcessor, token_id_or_none
+from .processor import LlavakitProcessor, encoder_input_size, token_id_or_none
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,14 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
              image_token: str = IMAGE_TOKEN, image_token_id: int | None = None, image_aspect: str = "resize",
              image_tokens: str = "base", tokenization: str = "llm", chat_template: str | None = None,
              attn_implementation: str | None = None, generation_config=None, video_token: str = VIDEO_TOKEN,
-             video_token_id: int | None = None):
+             video_token_id: int | None = None, image_grid_pinpoints: list[list[int]] | None = None,
+             anyres_max_tiles: int | None = None):
     """(model, processor) from loaded parts: the vision `tower`, a causal `lm` whose tokenizer already has
     `image_token`, and their processors.
+
+    ``image_grid_pinpoints`` ([height, width] px, multiples of the encoder's input size; None = the policy's
+    default) and ``anyres_max_tiles`` (N of ``anyres_max_N``; None = 9) go to the model config and the processor
+    alike; they are for the tiled policies only (a ValueError otherwise).
 
     The model shell is built on the meta device (no second copy of the LLM in memory); the parts go in,
     and the projector gets `projector_weights` (a state dict) or, when None, a fresh initialisation. The
@@ -142,6 +147,12 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
     if video_token_id is None and image_tokens == "anyres_max":  # videos only under OneVision's policy
         video_token_id = token_id_or_none(tokenizer, video_token)
+    check_policy_keys(image_tokens, image_grid_pinpoints, anyres_max_tiles)
+    if image_grid_pinpoints is not None:
+        tile, side = int(tower.config.image_size), encoder_input_size(image_processor)
+        if side != tile:
+            raise ValueError(f"image_grid_pinpoints: the image processor's input size {side} differs from the "
+                             f"encoder's {tile}")
     config = LlavakitConfig(
         vision_config=tower.config,
         text_config=lm.config,
@@ -150,6 +161,8 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
         vision_feature_select=vision_feature_select,
         vision_prefix_tokens=count_prefix_tokens(tower, tower.config),
         image_tokens=image_tokens,
+        image_grid_pinpoints=image_grid_pinpoints,
+        anyres_max_tiles=9 if anyres_max_tiles is None else anyres_max_tiles,
         image_token_id=image_token_id,
         video_token_id=video_token_id if image_tokens == "anyres_max" else None,
         pad_token_id=tokenizer.pad_token_id,
@@ -190,5 +203,15 @@ def assemble(tower, lm, tokenizer, image_processor, *, projector: str, vision_fe
     processor = LlavakitProcessor(image_processor, tokenizer, image_token=image_token,
                                   image_seq_length=config.image_seq_length, image_aspect=image_aspect,
                                   chat_template=chat_template, tokenization=tokenization, image_tokens=image_tokens,
-                                  video_token=video_token)
+                                  video_token=video_token, image_grid_pinpoints=config.image_grid_pinpoints,
+                                  anyres_max_tiles=config.anyres_max_tiles)
     return model, processor
+
+
+def check_policy_keys(image_tokens: str, image_grid_pinpoints, anyres_max_tiles) -> None:
+    """ValueError when pinpoints / N are given to a policy that does not use them."""
+    if image_grid_pinpoints is not None and image_tokens not in TILED_POLICIES:
+        raise ValueError(f"image_grid_pinpoints is only used with image_tokens {list(TILED_POLICIES)}, not "
+                         f"{image_tokens!r}")
+    if anyres_max_tiles is not None and image_tokens != "anyres_max":
+        raise ValueError(f"anyres_max_tiles is only used with image_tokens 'anyres_max', not {image_tokens!r}")

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .assemble import (IMAGE_TOKEN, OTHER_TOWER_PREFIXES, ComponentWeightsError, add_image_tokens, assemble, check_loading,
-                       count_prefix_tokens, quiet_transformers, vision_config_of)
+                       check_policy_keys, count_prefix_tokens, quiet_transformers, vision_config_of)
 from .config import LlavakitConfig, parse_dtype
 from .modeling import LlavakitForConditionalGeneration
 from .processor import LlavakitProcessor
@@ -118,15 +118,18 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
           vision_feature_layer: int | list[int] = -2, vision_feature_select: str = "patch",
           image_aspect: str = "resize", image_tokens: str = "base", dtype: torch.dtype | str | None = None,
           attn_implementation: str | None = None, llm_quantization_config=None, vision_kwargs: dict | None = None,
-          llm_kwargs: dict | None = None, **hub_kwargs):
+          llm_kwargs: dict | None = None, image_grid_pinpoints: list[list[int]] | None = None,
+          anyres_max_tiles: int | None = None, **hub_kwargs):
     """A new (model, processor) from a vision encoder and a causal LM, each a hub id or a local path; the
     LLM may also be a GGUF file (or a folder with one), read through transformers and dequantised to `dtype`.
 
     The projector is freshly initialised; everything else keeps its pretrained weights. `hub_kwargs`
     (`revision`, `token`, `cache_dir`, ...) go to both components' loaders; `vision_kwargs` / `llm_kwargs` to
     one of them only (they win over `hub_kwargs`). LLM-only options given with the shared ones
-    (`gguf_file`, `quantization_config`) go to the LLM.
+    (`gguf_file`, `quantization_config`) go to the LLM. ``image_grid_pinpoints`` / ``anyres_max_tiles`` (tiled
+    policies only; None = the policy's defaults) are recorded in the model config and the processor (`assemble`).
     """
+    check_policy_keys(image_tokens, image_grid_pinpoints, anyres_max_tiles)  # before anything loads
     dtype = parse_dtype(dtype)
     shared = {k: v for k, v in hub_kwargs.items() if k not in LLM_ONLY_OPTIONS}
     vision_kwargs = {**shared, **(vision_kwargs or {})}
@@ -141,7 +144,8 @@ def build(vision: str | Path, llm: str | Path, projector: str = "mlp2x_gelu", *,
         tower, lm, tokenizer, image_processor, projector=projector, vision_feature_layer=vision_feature_layer,
         vision_feature_select=vision_feature_select, image_aspect=image_aspect, image_tokens=image_tokens,
         components={"vision": str(vision), "llm": str(llm)}, chat_template=tokenizer.chat_template,
-        attn_implementation=attn_implementation)
+        attn_implementation=attn_implementation, image_grid_pinpoints=image_grid_pinpoints,
+        anyres_max_tiles=anyres_max_tiles)
     log.info("built llavakit model: %s + %s, projector %s, %d tokens per image",
              vision, llm, projector, model.config.image_seq_length)
     return model, processor

@@ -79,16 +79,16 @@ def assemble(cfg: RunConfig):
         build_kwargs["trust_remote_code"] = True
     if quant is not None:
         build_kwargs["llm_quantization_config"] = quant
+    build_kwargs.update(image_grid_pinpoints=m.image_grid_pinpoints, anyres_max_tiles=m.anyres_max_tiles)
     if m.init_from is None:
-        return apply_image_policy(*build(m.vision, m.llm, **build_kwargs), m)
+        return build_with_policy(build, m.vision, m.llm, build_kwargs)
     src = Path(m.init_from)
     if is_stage1_run(src):
         # Stage 2 from stage 1: same components, projector weights from the stage-1 run.
         prev = yaml.safe_load((src / "config.yaml").read_text())["model"]
         for key in ("projector", "vision_feature_layer", "vision_feature_select"):  # must match the weights
             build_kwargs[key] = prev[key]
-        model, processor = build(m.vision or prev["vision"], m.llm or prev["llm"], **build_kwargs)
-        apply_image_policy(model, processor, m)
+        model, processor = build_with_policy(build, m.vision or prev["vision"], m.llm or prev["llm"], build_kwargs)
         load_projector(model, src / PROJECTOR_FILE)
         return model, processor
     if (src / "config.json").is_file():
@@ -105,9 +105,21 @@ def assemble(cfg: RunConfig):
     )
 
 
+def build_with_policy(build, vision, llm, build_kwargs: dict):
+    """`build` with the recipe's pinpoints / N (which it records in the model config and the processor); pinpoints
+    that do not fit the encoder are a ConfigError naming the key."""
+    try:
+        return build(vision, llm, **build_kwargs)
+    except ValueError as e:
+        if str(e).startswith("image_grid_pinpoints"):
+            raise ConfigError(f"model.image_grid_pinpoints: {e}") from None
+        raise
+
+
 def apply_image_policy(model, processor, m):
-    """Give the model config and the processor ``model.image_grid_pinpoints`` / ``model.anyres_max_tiles`` when
-    the recipe sets them (else the policy's defaults stay); both record them, so saved models keep them."""
+    """Give a loaded model's config and processor ``model.image_grid_pinpoints`` / ``model.anyres_max_tiles`` when
+    the recipe sets them (else the model's own stay); both record them, so saved models keep them. (A model the
+    recipe builds gets them from `build`.)"""
     from llavakit.model.anyres import check_grid_pinpoints
 
     if m.image_grid_pinpoints is not None:
