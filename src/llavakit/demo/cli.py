@@ -1,5 +1,6 @@
-"""`llavakit demo [--out DIR] [--seed N] [--llm tiny|smollm2] [--threads N]`: the offline end-to-end demo (see pipeline.py;
-`--llm smollm2` runs real_llm.py: the real SmolLM2-135M-Instruct as the LLM, from the `smollm2` extra)."""
+"""`llavakit demo [--out DIR] [--seed N] [--llm tiny|smollm2] [--hires] [--threads N]`: the offline end-to-end demo (see
+pipeline.py; `--llm smollm2` runs real_llm.py: the real SmolLM2-135M-Instruct as the LLM, from the `smollm2` extra;
+`--hires` runs hires.py: high-resolution pictures, a tiled (anyres) model against a base-resolution one)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def add_arguments(parser) -> None:
                         help="'tiny': a tiny Llama pretrained on the world's text (default); 'smollm2': the real "
                              "SmolLM2-135M-Instruct, also scored on keeping its language (pip install "
                              "'llavakit[smollm2]')")
+    parser.add_argument("--hires", action="store_true",
+                        help="the high-resolution demo instead: 96 px pictures with a detail only full-resolution "
+                             "tiles show, one stage 2 with image_tokens anyres and one at base resolution (the "
+                             "control), both scored (docs/demo.md)")
     parser.add_argument("--threads", type=int, default=DEMO_THREADS,
                         help=f"torch CPU threads (default {DEMO_THREADS}, what docs/demo.md measured; the same seed gives "
                              "the same numbers at the same count). Use 1 when another busy process shares 2 cores: "
@@ -31,7 +36,14 @@ def run(args) -> int:
         print(f"llavakit demo: --threads {threads}: must be 1 or more", file=sys.stderr)
         return 2
 
-    if getattr(args, "llm", "tiny") == "smollm2":
+    hires = getattr(args, "hires", False)
+    if hires and getattr(args, "llm", "tiny") != "tiny":
+        print("llavakit demo: --hires runs with the tiny LLM only (leave out --llm)", file=sys.stderr)
+        return 2
+
+    if hires:
+        from .hires import run_hires_demo as demo
+    elif getattr(args, "llm", "tiny") == "smollm2":
         from .real_llm import MissingExtraError, run_real_demo, smollm2_gguf
 
         try:
