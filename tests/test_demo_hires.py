@@ -166,8 +166,20 @@ def test_a_few_steps_of_the_whole_run_write_both_models_and_their_scores(tmp_pat
     for name in ("loss_stage1.png", "loss_stage2_anyres.png", "loss_stage2_base.png", "predictions_anyres.jsonl",
                  "predictions_base.jsonl", "sample_conversation.txt"):
         assert (out / name).is_file(), name
-    model, processor = llavakit.load(out / "model_anyres")
-    assert processor.image_tokens == "anyres" and processor.image_token_counts([(96, 96)]) == [51]
+    _, tiled = llavakit.load(out / "model_anyres")
+    _, control = llavakit.load(out / "model_base")
+    assert tiled.image_tokens == "anyres" and tiled.image_token_counts([(96, 96)]) == [51]
+    assert control.image_tokens == "base" and control.image_token_counts([(96, 96)]) == [9]
+    # what each model's processor feeds the encoder: the three patterns differ only in the tag's own tile
+    scene = hs.random_detail_scene(random.Random(2), corner="bottom left")
+    pictures = [hs.draw_detail(dataclasses.replace(scene, pattern=p)) for p in hs.PATTERNS]
+    tiles = [tiled.preprocess_images([p]) for p in pictures]  # [5, 3, 48, 48]: base tile, then the 2x2 grid
+    controls = [control.preprocess_images([p]) for p in pictures]  # [1, 3, 48, 48]
+    same = 2 / 255 / 0.26 + 1e-6  # 2 grey levels after CLIP's normalisation
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        diff = (tiles[i] - tiles[j]).abs().amax(dim=(1, 2, 3))
+        assert diff[[0, 1, 2, 4]].max() <= same and diff[3] > 60 / 255 / 0.28, diff  # bottom left = grid tile 3
+        assert (controls[i] - controls[j]).abs().max() <= same
 
 
 def test_cli_refuses_hires_with_another_llm(capsys):
