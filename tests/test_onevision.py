@@ -299,8 +299,8 @@ def test_cli_exports_an_anyres_max_model_as_llava_onevision(ov_built, tmp_path, 
 
 
 def test_three_training_steps_single_image_samples(tiny_dirs, tmp_path):
-    """anyres_max trains from a YAML-shaped config (single-image samples: the data pipeline does not pass
-    batch_num_images yet, docs/interop.md)."""
+    """anyres_max trains from a YAML-shaped config on single-image samples (multi-image and video samples, padded
+    and packed: tests/test_tiled_training.py and tests/test_video_training.py)."""
     from pathlib import Path
 
     from llavakit.train import load_config, run_training

@@ -50,6 +50,7 @@ EXPECTED = {
     "tinyllama_clip_b32": (1.10, 87, 49),
     "internlm2_1_8b_qlora": (1.89, 304, 576),
     "qwen25_05b_siglip": (0.49, 428, 729),
+    "qwen25_05b_siglip_anyres": (0.49, 428, 729),  # stage 1 at base resolution (729 tokens), then tiles
 }
 
 
