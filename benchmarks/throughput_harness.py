@@ -107,6 +107,31 @@ def result_row(row: Row, meter: Meter, base: float, samples: int, real: int, slo
     return out
 
 
+class step_profiler:
+    """``LLAVAKIT_BENCH_PROFILE=DIR``: torch.profiler over the timed steps of a llavakit row, its top operators by
+    self CPU time written to DIR/<row>.txt (profiling slows the steps: use such a run for the profile only)."""
+
+    def __init__(self, row: Row):
+        self.out, self.prof = os.environ.get("LLAVAKIT_BENCH_PROFILE"), None
+        self.name = "".join(c if c.isalnum() else "_" for c in row.name.strip()).strip("_")
+
+    def __enter__(self):
+        if self.out:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+            table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            (Path(self.out) / f"{self.name}.txt").write_text(table)
+            self.prof = None
+
+
 def run_llavakit(row: Row, wd: Path, args) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
@@ -169,6 +194,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     meter = Meter(args.device)
     base = meter.current()
     samples = real = slots = 0
+    profiler = step_profiler(row)
     for i, (idx, mb) in enumerate(zip(warm + timed, loader)):
         if i >= len(warm):
             samples += len(idx)
@@ -177,7 +203,9 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
         optimizer_step(accelerator, model, optimizer, scheduler, [mb], cfg.train, 1)
         if i == len(warm) - 1:
             meter.start()
+            profiler.__enter__()
     meter.stop()
+    profiler.__exit__(None, None, None)
     done = [j for b in timed for j in b]
     flops = flops_of(parts, row.stage, row.cache, sum(stats[j]["tokens"] for j in done),
                      sum(stats[j]["answer"] for j in done), sum(stats[j]["images"] for j in done))
