@@ -314,7 +314,7 @@ class ChatSession:
         """Typed (or generated) text with no image marker, nor video marker when the model takes videos: markers
         come from attachments only."""
         text = strip_markers(text)
-        if getattr(self.generator.processor, "video_token_id", None) is not None:
+        if getattr(getattr(self.generator, "processor", None), "video_token_id", None) is not None:
             text = strip_markers(text, VIDEO_MARKER)
         return text
 
@@ -330,7 +330,8 @@ class ChatSession:
         images = self.images + self.pending
         videos = self.videos + self.pending_videos
         pieces = []
-        for piece in self.generator.stream(turns, images, self.settings, videos=videos or None):
+        extra = {"videos": videos} if videos else {}  # a generator without video support is asked as before
+        for piece in self.generator.stream(turns, images, self.settings, **extra):
             pieces.append(piece)
             yield piece
         # A reply that spells <image> must not become an image marker in the next prompt.
