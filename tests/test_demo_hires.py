@@ -156,15 +156,18 @@ def test_a_few_steps_of_the_whole_run_write_both_models_and_their_scores(tmp_pat
                      stage1=["--train.max_steps=2", "--train.batch_size=8"],
                      stage2=["--train.max_steps=2", "--train.batch_size=8"])
     out = tmp_path / "hires"
-    metrics = run_hires_demo(out, seed=0, scale=few, say=lambda *a, **k: None)
+    metrics = run_hires_demo(out, seed=0, scale=few, say=lambda *a, **k: None, motion=True)
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert metrics["mode"] == "hires" and metrics["motion"]["trained"] is False
+    assert metrics["mode"] == "hires" and metrics["motion"]["trained"] is True
+    assert set(metrics["motion"]["types"]) == set(motion.MOTION_TYPES)
+    assert set(metrics["motion"]["types"]["growth"]) == {"with_video", "blind", "single_frame", "chance"}
     assert {p: m["image_tokens"] for p, m in metrics["policies"].items()} == {"anyres": 51, "base": 9}
     for m in metrics["policies"].values():
         assert list(m["types"]) == list(hs.HIRES_TYPES)
         assert m["types"]["detail"]["chance"] == pytest.approx(1 / 3, abs=1e-4)
     for name in ("loss_stage1.png", "loss_stage2_anyres.png", "loss_stage2_base.png", "predictions_anyres.jsonl",
-                 "predictions_base.jsonl", "sample_conversation.txt"):
+                 "predictions_base.jsonl", "predictions_motion.jsonl", "loss_stage2_motion.png",
+                 "sample_conversation.txt"):
         assert (out / name).is_file(), name
     _, tiled = llavakit.load(out / "model_anyres")
     _, control = llavakit.load(out / "model_base")
@@ -182,7 +185,7 @@ def test_a_few_steps_of_the_whole_run_write_both_models_and_their_scores(tmp_pat
         assert (controls[i] - controls[j]).abs().max() <= same
 
 
-def test_cli_refuses_hires_with_another_llm(capsys):
+def test_cli_refuses_hires_with_another_llm_and_motion_without_hires(capsys):
     import argparse
 
     from llavakit.demo import cli
@@ -191,6 +194,8 @@ def test_cli_refuses_hires_with_another_llm(capsys):
     cli.add_arguments(parser)
     assert cli.run(parser.parse_args(["--hires", "--llm", "smollm2", "--out", "unused"])) == 2
     assert "--hires" in capsys.readouterr().err
+    assert cli.run(parser.parse_args(["--motion", "--out", "unused"])) == 2
+    assert "--motion goes with --hires" in capsys.readouterr().err
 
 
 # --- learning (slow) -----------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
                         help="the high-resolution demo instead: 96 px pictures with a detail only full-resolution "
                              "tiles show, one stage 2 with image_tokens anyres and one at base resolution (the "
                              "control), both scored (docs/demo.md)")
+    parser.add_argument("--motion", action="store_true",
+                        help="with --hires: also train a video model (image_tokens anyres_max) on the motion clips "
+                             "and score it with the frames, blind and with one frame")
     parser.add_argument("--threads", type=int, default=DEMO_THREADS,
                         help=f"torch CPU threads (default {DEMO_THREADS}, what docs/demo.md measured; the same seed gives "
                              "the same numbers at the same count). Use 1 when another busy process shares 2 cores: "
@@ -41,8 +44,15 @@ def run(args) -> int:
         print("llavakit demo: --hires runs with the tiny LLM only (leave out --llm)", file=sys.stderr)
         return 2
 
+    if getattr(args, "motion", False) and not hires:
+        print("llavakit demo: --motion goes with --hires", file=sys.stderr)
+        return 2
     if hires:
-        from .hires import run_hires_demo as demo
+        from functools import partial
+
+        from .hires import run_hires_demo
+
+        demo = partial(run_hires_demo, motion=getattr(args, "motion", False))
     elif getattr(args, "llm", "tiny") == "smollm2":
         from .real_llm import MissingExtraError, run_real_demo, smollm2_gguf
 

@@ -5,7 +5,7 @@ shape and a small tag of one-pixel lines in a corner, whose pattern only full-re
 
 1. world: the pictures, their captions, four-turn Q&A (detail, corner, colour, shape), the CLIP pairs, a
    balanced held-out split; checked like `llavakit data check`. The motion clips (``motion.py``) are written
-   too, but not trained on (see ``MOTION_NOT_TRAINED``).
+   too; with ``motion=True`` (`--motion`) a third stage 2 trains an ``anyres_max`` model on them (``motion_run.py``).
 2. stage 0: a tiny Llama on the world's text and a tiny CLIP (48 px, patch 16) on the pictures (shrunk) and on
    their tags' tiles (full resolution), each saved as an HF folder and loaded by path.
 3. stage 1 (`hires_stage1.yaml`): the projector on captions, at base resolution.
@@ -30,8 +30,8 @@ from pathlib import Path
 from .hires_scenes import HIRES_SIZE, HIRES_TYPES
 
 POLICIES = ("anyres", "base")  # stage-2 runs: the tiled model and its base-resolution control
-MOTION_NOT_TRAINED = ("written (frames as images, rows with 'video' and '<video>'), not trained or scored: llavakit's "
-                      "training data pipeline does not read 'video' fields yet")
+MOTION_NOT_TRAINED = ("written (frames as images, rows with 'video' and '<video>'), not trained or scored: "
+                      "add --motion to train and score them")
 
 
 @dataclass
@@ -55,11 +55,11 @@ HIRES_SCALES = {
 
 
 def hires_recipes() -> dict[str, Path]:
-    """The three recipes `--hires` runs, shipped in the package (`llavakit/demo/recipes/`)."""
+    """The recipes `--hires` runs (stage 1, both stage 2s, the motion stage 2), shipped in the package."""
     from .pipeline import recipes_dir
 
     d = recipes_dir()
-    names = {"stage1": "hires_stage1.yaml", **{f"stage2_{p}": f"hires_stage2_{p}.yaml" for p in POLICIES}}
+    names = {"stage1": "hires_stage1.yaml", **{f"stage2_{p}": f"hires_stage2_{p}.yaml" for p in (*POLICIES, "motion")}}
     out = {k: d / v for k, v in names.items()}
     missing = [str(p) for p in out.values() if not p.is_file()]
     if missing:
@@ -67,9 +67,11 @@ def hires_recipes() -> dict[str, Path]:
     return out
 
 
-def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale = "full", say=print) -> dict:
+def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale = "full", say=print,
+                   motion: bool = False) -> dict:
     """Run the hires demo into `out_dir`; returns the metrics written to `out_dir/metrics.json`. `scale`: a name
-    of `HIRES_SCALES` or a `HiresScale` (the plumbing test's few steps)."""
+    of `HIRES_SCALES` or a `HiresScale` (the plumbing test's few steps). `motion`: also train an `anyres_max` model
+    on the motion clips (`hires_stage2_motion.yaml`) and score it (`motion_run.py`)."""
     import torch
 
     import llavakit
@@ -90,8 +92,9 @@ def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale =
     with clock.phase("world"):
         paths = write_hires_world(out / "data", seed=seed, **spec.world)
         _check_data(paths, say)
-        motion = write_motion(out / "data", seed=seed, **spec.motion)
-        say(f"  motion clips {motion.train.name}, {motion.test.name}: {MOTION_NOT_TRAINED}")
+        clips = write_motion(out / "data", seed=seed, **spec.motion)
+        if not motion:
+            say(f"  motion clips {clips.train.name}, {clips.test.name}: {MOTION_NOT_TRAINED}")
 
     say("== 2/6 stage 0: tiny Llama LM on the world's text, tiny CLIP on pictures and tag tiles")
     with clock.phase("stage0_lm"):
@@ -107,6 +110,9 @@ def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale =
     runs += [(f"stage2_{p}", f"{4 + k}/6 stage 2 with image_tokens {p}",
               [f"--model.init_from={out / 'stage1'}", f"--data.train={paths.stage2}", *spec.stage2])
              for k, p in enumerate(POLICIES)]
+    if motion:
+        runs.append(("stage2_motion", "5b/6 stage 2 on the motion clips (anyres_max, videos)",
+                     [f"--model.init_from={out / 'stage1'}", f"--data.train={clips.train}", *spec.stage2]))
     for name, title, extra in runs:
         say(f"== {title} (llavakit train {recipes[name]})")
         with clock.phase(name):
@@ -127,23 +133,33 @@ def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale =
                            "types": {t: m["types"][t] for t in HIRES_TYPES}}
             if p == "anyres":
                 example = _sample_conversation(model, processor, rows, paths.image_folder, types=("detail", "corner"))
+        motion_metrics = {"trained": False, "why": MOTION_NOT_TRAINED}
+        if motion:
+            from .motion_run import score_motion
+
+            shutil.copytree(out / "stage2_motion" / "model", out / "model_motion")
+            model, processor = llavakit.load(out / "model_motion")
+            motion_metrics = {"trained": True}
+            motion_metrics["types"], predictions["motion"] = score_motion(model, processor, read_test(clips.test),
+                                                                          clips.image_folder)
     times = clock.report()
     metrics = {"seconds": times["seconds"], "policies": policies,
-               "motion": {"trained": False, "why": MOTION_NOT_TRAINED,
-                          "train_clips": len(json.loads(motion.train.read_text())),
-                          "test_rows": len(read_test(motion.test))},
+               "motion": {**motion_metrics, "train_clips": len(json.loads(clips.train.read_text())),
+                          "test_rows": len(read_test(clips.test))},
                "phases": times["phases"], "phases_cpu": times["phases_cpu"], "load_average": times["load_average"],
                "threads": torch.get_num_threads(), "seed": seed,
                "scale": scale if isinstance(scale, str) else "custom", "mode": "hires"}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    for p in POLICIES:
+    for p in predictions:
         (out / f"predictions_{p}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in predictions[p]))
-    for stage in ("stage1", *(f"stage2_{p}" for p in POLICIES)):
+    for stage in ("stage1", *(f"stage2_{p}" for p in (*POLICIES, "motion"))):
         if (out / stage / "loss.png").is_file():
             shutil.copy(out / stage / "loss.png", out / f"loss_{stage}.png")
     (out / "sample_conversation.txt").write_text(example)
     say("")
     say(format_hires_table(policies))
+    if motion:
+        say(format_motion_table(motion_metrics["types"]))
     say("")
     say(example)
     say(f"total {metrics['seconds']:.0f}s. Wrote {out / 'metrics.json'}, loss curves, predictions, and the models: "
@@ -161,4 +177,14 @@ def format_hires_table(policies: dict) -> str:
             tokens = f"{p} ({m['image_tokens']})"
             lines.append(f"{t:<14} {tokens:<13} {100 * r['with_image']:>9.1f}% {100 * r['blind']:>6.1f}% "
                          f"{100 * r['chance']:>6.1f}%")
+    return "\n".join(lines)
+
+
+def format_motion_table(types: dict) -> str:
+    """Motion accuracies: with the frames, blind, with the middle frame alone, chance (percentages)."""
+    lines = [f"{'question type':<14} {'with video':>10} {'blind':>7} {'1 frame':>8} {'chance':>7}"]
+    lines.append("-" * len(lines[0]))
+    for t, r in types.items():
+        lines.append(f"{t:<14} {100 * r['with_video']:>9.1f}% {100 * r['blind']:>6.1f}% "
+                     f"{100 * r['single_frame']:>7.1f}% {100 * r['chance']:>6.1f}%")
     return "\n".join(lines)
