@@ -80,7 +80,7 @@ def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale =
     from .backbones import pretrain_clip, pretrain_lm
     from .clock import start_run
     from .hires_world import clip_pairs, write_hires_world, write_motion
-    from .pipeline import _check_data, _sample_conversation
+    from .pipeline import check_data, sample_conversation
     from .score import score
     from .world import read_test, text_corpus
 
@@ -91,7 +91,7 @@ def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale =
     say(f"== 1/6 high-resolution world (seed {seed}) -> {out / 'data'}")
     with clock.phase("world"):
         paths = write_hires_world(out / "data", seed=seed, **spec.world)
-        _check_data(paths, say)
+        check_data(paths, say)
         clips = write_motion(out / "data", seed=seed, **spec.motion)
         if not motion:
             say(f"  motion clips {clips.train.name}, {clips.test.name}: {MOTION_NOT_TRAINED}")
@@ -132,7 +132,7 @@ def run_hires_demo(out_dir: str | Path, seed: int = 0, scale: str | HiresScale =
             policies[p] = {"image_tokens": processor.image_token_counts([(HIRES_SIZE, HIRES_SIZE)])[0],
                            "types": {t: m["types"][t] for t in HIRES_TYPES}}
             if p == "anyres":
-                example = _sample_conversation(model, processor, rows, paths.image_folder, types=("detail", "corner"))
+                example = sample_conversation(model, processor, rows, paths.image_folder, types=("detail", "corner"))
         motion_metrics = {"trained": False, "why": MOTION_NOT_TRAINED}
         if motion:
             from .motion_run import score_motion

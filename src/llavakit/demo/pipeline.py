@@ -45,7 +45,7 @@ def recipes_dir() -> Path:
     return d
 
 
-def _check_data(paths, say) -> None:
+def check_data(paths, say) -> None:
     """What `llavakit data check` does, on both training files; the demo stops on any error."""
     from llavakit.data.formats import load_conversations
     from llavakit.data.validate import validate
@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     say(f"== 1/5 synthetic world (seed {seed}) -> {out / 'data'}")
     with clock.phase("world"):
         paths = write_world(out / "data", seed=seed, **spec.world)
-        _check_data(paths, say)
+        check_data(paths, say)
 
     say("== 2/5 stage 0: the backbones a user would download (tiny Llama LM, tiny CLIP)")
     with clock.phase("stage0_lm"):
@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     for stage in ("stage1", "stage2"):
         if (out / stage / "loss.png").is_file():
             shutil.copy(out / stage / "loss.png", out / f"loss_{stage}.png")
-    example = _sample_conversation(model, processor, rows, paths.image_folder)
+    example = sample_conversation(model, processor, rows, paths.image_folder)
     (out / "sample_conversation.txt").write_text(example)
     say("")
     say(format_table(metrics["types"]))
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, scale: str = "full", say=print)
     return metrics
 
 
-def _sample_conversation(model, processor, rows, image_folder, types=("colour", "shape")) -> str:
+def sample_conversation(model, processor, rows, image_folder, types=("colour", "shape")) -> str:
     """A two-turn exchange about one held-out image, as text (prompted as `llavakit chat` does): the first
     held-out question of `types[0]` with its image, then the question text of `types[1]` about the same image."""
     from PIL import Image
