@@ -118,6 +118,12 @@ def _source(ref: Any) -> tuple[Any, str]:
     raise ImageError("image wrong type", f"{describe(ref)} is not an image reference")
 
 
+def pick_limit(value, default):
+    """A size limit from a config key or CLI flag: None (unset) = ``default``, 0 or less = None (no limit), else
+    ``value``. The rule of `ImageLimits.of` and `llavakit.data.video.VideoLimits.of`."""
+    return default if value is None else (value if value > 0 else None)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """How big an image may be, checked from its header before any pixel is decoded; None = no limit.
@@ -135,11 +141,8 @@ class ImageLimits:
     def of(cls, max_pixels: int | None = None, max_side: int | None = None,
            max_aspect_ratio: float | None = None) -> "ImageLimits":
         """From config keys / CLI flags: None (unset) means the default, 0 or less turns the limit off."""
-        def pick(value, default):
-            return default if value is None else (value if value > 0 else None)
-
-        return cls(pick(max_pixels, DEFAULT_MAX_PIXELS), pick(max_side, DEFAULT_MAX_SIDE),
-                   pick(max_aspect_ratio, DEFAULT_MAX_ASPECT_RATIO))
+        return cls(pick_limit(max_pixels, DEFAULT_MAX_PIXELS), pick_limit(max_side, DEFAULT_MAX_SIDE),
+                   pick_limit(max_aspect_ratio, DEFAULT_MAX_ASPECT_RATIO))
 
     def as_kwargs(self) -> dict:
         """``max_pixels`` / ``max_side`` / ``max_aspect_ratio`` keywords for the functions of this module."""

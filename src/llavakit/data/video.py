@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, open_image, pick_limit
 
 VIDEO_MARKER = "<video>"  # where a video goes in a prompt; expanded to its placeholder tokens by the processor
 DEFAULT_MAX_FRAMES = 32  # LLaVA-OneVision samples 32 frames per video
@@ -63,12 +63,10 @@ class VideoLimits:
     @classmethod
     def of(cls, max_frame_pixels: int | None = None, max_seconds: float | None = None,
            max_source_frames: int | None = None) -> "VideoLimits":
-        """From config keys / CLI flags: None (unset) means the default, 0 or less turns the limit off."""
-        def pick(value, default):
-            return default if value is None else (value if value > 0 else None)
-
-        return cls(pick(max_frame_pixels, DEFAULT_MAX_FRAME_PIXELS), pick(max_seconds, DEFAULT_MAX_SECONDS),
-                   pick(max_source_frames, DEFAULT_MAX_SOURCE_FRAMES))
+        """From config keys (``data.video_max_frame_pixels`` / ``video_max_seconds`` / ``video_max_source_frames``)
+        or CLI flags: None (unset) means the default, 0 or less turns the limit off (`pick_limit`)."""
+        return cls(pick_limit(max_frame_pixels, DEFAULT_MAX_FRAME_PIXELS), pick_limit(max_seconds, DEFAULT_MAX_SECONDS),
+                   pick_limit(max_source_frames, DEFAULT_MAX_SOURCE_FRAMES))
 
 
 @dataclass(frozen=True)
