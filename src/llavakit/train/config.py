@@ -101,6 +101,12 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
+    # "adamw" (torch's; its fused kernel where the device has one) or "adamw_8bit" (bitsandbytes, extra
+    # llavakit[qlora]: the two moments in 8 bits, a quarter of fp32's memory; slower per step on CPU)
+    optimizer: str = "adamw"
+    # Update each weight inside backward as soon as its gradient is ready and free that gradient (train/optim.py):
+    # no full set of gradients in memory. Needs max_grad_norm: 0, grad_accum: 1, on_nonfinite: stop, one process.
+    optimizer_in_backward: bool = False
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     # LM head + loss only at supervised positions (same loss, no [B, L, vocab] logits tensor)
@@ -236,6 +242,24 @@ def check_image_policy(m: ModelConfig) -> None:
             raise ConfigError(f"model.anyres_max_tiles={n!r} must be a positive integer (OneVision's anyres_max_9: 9)")
 
 
+def in_backward_checks(t: TrainConfig) -> list[tuple[bool, str]]:
+    """What train.optimizer_in_backward rules out: each weight is updated before the global gradient norm is
+    known (no clipping, no skipped step) and before a later micro-batch could add to its gradient."""
+    if t.optimizer_in_backward is not True:
+        return []
+    why = "train.optimizer_in_backward updates each weight as soon as backward has its gradient, so "
+    return [
+        (not t.max_grad_norm or t.max_grad_norm <= 0,
+         why + f"the global gradient norm is only known afterwards and cannot clip: set train.max_grad_norm: 0 "
+         f"(now {t.max_grad_norm:g}) or turn optimizer_in_backward off"),
+        (t.grad_accum == 1, why + f"micro-batches cannot accumulate (train.grad_accum={t.grad_accum}): set "
+         "grad_accum: 1 and raise batch_size, or turn optimizer_in_backward off"),
+        (t.on_nonfinite == "stop", why + "a non-finite step cannot be skipped: set train.on_nonfinite: stop"),
+        (t.precision != "fp16", why + "fp16's loss scaler must see every gradient before the update: use "
+         "train.precision bf16 or fp32"),
+    ]
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     t, d = cfg.train, cfg.data
     if isinstance(t.resume_allow, str):  # --train.resume_allow=max_steps,lr
@@ -248,6 +272,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'"),
         (t.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
+        (t.optimizer in ("adamw", "adamw_8bit"), f"train.optimizer={t.optimizer!r} is not one of ['adamw', 'adamw_8bit']"),
+        (isinstance(t.optimizer_in_backward, bool), f"train.optimizer_in_backward={t.optimizer_in_backward!r} must be "
+         "true or false"),
+        *in_backward_checks(t),
         (isinstance(t.loss_chunk_size, int) and not isinstance(t.loss_chunk_size, bool) and t.loss_chunk_size >= 0,
          f"train.loss_chunk_size={t.loss_chunk_size!r} must be an integer >= 0 (0 = no chunking, N = rows of "
          "logits per chunk)"),

@@ -30,6 +30,7 @@ from .recipes import PROJECTOR_FILE, apply_stage, assemble, trainable_table
 from .runlog import (LOSS_LOG, RNG_ALLOW, RunLock, append_loss, check_resume_config, check_resume_data,
                      data_fingerprint, flat_config, guard_output_dir, plot_losses, progress_bar, read_losses, trackers,
                      truncate_loss_log, write_run_config)
+from .optim import attach_in_backward
 from .step import (NonFiniteError, StepResult, check_finite_weights, make_optimizer, on_nonfinite, optimizer_step,
                    supervised_count)
 from .batches import epoch_order, make_collator, make_loader, prepare_data, rank_batches
@@ -200,11 +201,12 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
     per_epoch_micro = math.ceil(len(dataset) / (t.batch_size * world))
     steps_per_epoch = math.ceil(per_epoch_micro / t.grad_accum)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
-    optimizer = make_optimizer(groups, t.weight_decay)
+    optimizer = make_optimizer(groups, t.weight_decay, t.optimizer)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(round(t.warmup_ratio * total_steps)),
                               num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    attach_in_backward(accelerator, optimizer, t)  # train.optimizer_in_backward: backward updates the weights
     install_hooks(accelerator, accelerator.unwrap_model)
     if log_with:
         accelerator.init_trackers("llavakit", config=flat_config(cfg.to_dict()))

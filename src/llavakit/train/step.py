@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import any_process, latest_checkpoint
 from .config import TrainingError
+from .optim import in_backward_of, make_optimizer  # noqa: F401  (make_optimizer: loop's import)
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +25,6 @@ class NonFiniteError(TrainingError):
 
 
 # --- optimisation -------------------------------------------------------------------------------
-def make_optimizer(groups, weight_decay: float):
-    param_groups = []
-    for g in groups:
-        decay = [p for p in g.params if p.ndim >= 2]
-        no_decay = [p for p in g.params if p.ndim < 2]
-        if decay:
-            param_groups.append({"params": decay, "lr": g.lr, "weight_decay": weight_decay, "name": g.name})
-        if no_decay:
-            param_groups.append({"params": no_decay, "lr": g.lr, "weight_decay": 0.0, "name": g.name})
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8)
-
-
 def supervised_count(labels: torch.Tensor) -> torch.Tensor:
     """Tokens the shifted causal-LM loss counts: positions whose *next* label is supervised."""
     return (labels[..., 1:] != -100).sum()
@@ -122,8 +111,10 @@ def optimizer_step(accelerator, model, optimizer, scheduler, window, t, world) -
         accelerator.backward(loss)
         total += out.loss.detach()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = None
-    if t.max_grad_norm and t.max_grad_norm > 0:
+    norm, hooked = None, in_backward_of(optimizer)
+    if hooked is not None:  # train.optimizer_in_backward: the weights were updated during backward
+        norm = hooked.take_norm()
+    elif t.max_grad_norm and t.max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
     elif accelerator.scaler is None:
         grads = [p.grad.detach() for p in params if p.grad is not None]
