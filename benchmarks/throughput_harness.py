@@ -137,6 +137,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     from transformers import get_scheduler
 
     from llavakit.model.packed_attention import use_packed_attention
+    from llavakit.train.optim import attach_in_backward
     from llavakit.train.config import load_config
     from llavakit.train.loop import (epoch_order, make_collator, make_loader, make_optimizer, optimizer_step,
                                      prepare_data, rank_batches)
@@ -153,7 +154,8 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
         "train": {"stage": "finetune" if row.stage == 2 else "pretrain", "batch_size": args.batch,
                   "lr": 2e-5 if row.stage == 2 else 1e-3, "supervised_logits_only": row.sup,
                   "loss_chunk_size": row.chunk, "gradient_checkpointing": row.ckpt,
-                  "compile": row.compile,
+                  "compile": row.compile, "optimizer": row.optim, "optimizer_in_backward": row.in_bwd,
+                  **({"max_grad_norm": 0.0} if row.in_bwd else {}),
                   "precision": args.precision, "report_to": "none", "output_dir": str(tmp / "run"),
                   "schedule": "constant", "warmup_ratio": 0.0, "seed": 0}})
     accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16"}[args.precision],
@@ -180,9 +182,10 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     head, emb = lm.get_output_embeddings().weight.numel(), lm.get_input_embeddings().weight.numel()
     parts = weight_parts(n_weights(model.vision_tower), n_weights(model.multi_modal_projector),
                          n_weights(lm) - head - emb, head, c.vision_tokens, c.patch_grid**2 + c.vision_prefix_tokens)
-    optimizer = make_optimizer(groups, 0.0)
+    optimizer = make_optimizer(groups, 0.0, row.optim)
     scheduler = get_scheduler("constant", optimizer)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    attach_in_backward(accelerator, optimizer, cfg.train)  # as the trainer does
     model.train()
     warm = rank_batches(epoch_order(dataset, cfg, 1, args.batch), args.batch, 1, 0)[:args.warmup]
     timed = rank_batches(epoch_order(dataset, cfg, 0, args.batch), args.batch, 1, 0)

@@ -90,6 +90,12 @@ def summarise(report: dict) -> None:
             report["memory_ratio_vs_trl"] = best["peak_mem_mib"] / trl["peak_mem_mib"]
             print(f"against {trl['row']}: {report['ratio_vs_trl']:.2f}x its real tokens/s (target >= 2.0), "
                   f"{report['memory_ratio_vs_trl']:.2f}x its peak memory (target <= 0.5)")
+            lean = min(ours, key=lambda r: r["peak_mem_mib"])  # the other end of the trade-off
+            report["leanest"] = lean["row"]
+            report["leanest_memory_ratio_vs_trl"] = lean["peak_mem_mib"] / trl["peak_mem_mib"]
+            report["leanest_ratio_vs_trl"] = lean["real_tokens_per_s"] / trl["real_tokens_per_s"]
+            print(f"lowest-memory llavakit row ({lean['row'].strip()}): {report['leanest_memory_ratio_vs_trl']:.2f}x "
+                  f"TRL's peak memory at {report['leanest_ratio_vs_trl']:.2f}x its real tokens/s")
     s1 = {r["config"]["cache"]: r for r in report.get("stage1", []) if r["config"]["system"] == "llavakit"}
     if True in s1 and False in s1:
         report["stage1_cache_speedup"] = s1[True]["samples_per_s"] / s1[False]["samples_per_s"]

@@ -70,6 +70,8 @@ class Row:
     chunk: int = 0  # train.loss_chunk_size
     ckpt: bool = False  # gradient checkpointing (llavakit: train.gradient_checkpointing; TRL: its default)
     compile: bool = False  # train.compile (torch.compile of the LLM's decoder layers); only run when named in --rows
+    optim: str = "adamw"  # train.optimizer (adamw_8bit: bitsandbytes; rows left out where it is not installed)
+    in_bwd: bool = False  # train.optimizer_in_backward (then train.max_grad_norm: 0: no clipping)
 
 
 CHUNK = 1024  # train.loss_chunk_size of the chunked-loss rows (docs/performance.md, "The chunked LM-head loss")
@@ -77,7 +79,8 @@ CHUNK = 1024  # train.loss_chunk_size of the chunked-loss rows (docs/performance
 
 def stage2_rows(workers: int) -> list[Row]:
     """Numbered from 1 in this order (`--rows`); the TRL rows are dropped where trl is not installed; the compile
-    rows (14, 15) run only when `--rows` names them (compiling takes minutes on a CPU)."""
+    rows (14, 15) run only when `--rows` names them (compiling takes minutes on a CPU); the 8-bit row (18) is
+    dropped where bitsandbytes is not installed."""
     return [
         Row("peer: HF Llava + Trainer", system="peer"),
         Row("llavakit baseline (pad, shuffled, full logits)"),
@@ -97,6 +100,12 @@ def stage2_rows(workers: int) -> list[Row]:
             workers=workers, compile=True),
         Row("llavakit all on (+ packing) + chunked loss + compile", group=True, sup=True, pack=True, chunk=CHUNK,
             workers=workers, compile=True),
+        Row("llavakit grouping + sup-only + chunked loss + workers + AdamW in backward", group=True, sup=True,
+            chunk=CHUNK, workers=workers, in_bwd=True),
+        Row("  the same + gradient checkpointing", group=True, sup=True, chunk=CHUNK, workers=workers, ckpt=True,
+            in_bwd=True),
+        Row("  the same + gradient checkpointing + 8-bit AdamW", group=True, sup=True, chunk=CHUNK, workers=workers,
+            ckpt=True, in_bwd=True, optim="adamw_8bit"),
     ]
 
 

@@ -146,6 +146,9 @@ def main(argv=None) -> dict:
     tables = {"2": stage2_rows(args.workers), "1": stage1_rows(args.workers)}
     for stage in [s for s in args.stages.split(",") if s]:
         rows = [r for i, r in enumerate(tables[stage], 1) if (i in chosen if chosen else not r.compile)]
+        if importlib.util.find_spec("bitsandbytes") is None and any(r.optim == "adamw_8bit" for r in rows):
+            print("NOTE: bitsandbytes is not installed, the 8-bit AdamW row is left out (pip install 'llavakit[qlora]')")
+            rows = [r for r in rows if r.optim != "adamw_8bit"]
         if not has_trl and any(r.system == "trl" for r in rows):
             print("NOTE: trl is not installed, the TRL rows are left out (pip install 'llavakit[bench]')")
             rows = [r for r in rows if r.system != "trl"]
