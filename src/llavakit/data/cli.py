@@ -18,6 +18,7 @@ from .formats import FORMATS, ROW_SCHEMAS, DataSourceError, write_conversations
 from .images import add_limit_arguments, limits_from_args
 from .mixture import Mixture, load_mixture
 from .validate import count_samples, format_problem, summarize, validate
+from .video import add_video_limit_arguments, video_limits_from_args
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--images", default="full", choices=("full", "header", "skip"),
                        help="decode images fully (finds truncation), read headers only, or skip them")
     add_limit_arguments(check)  # --max-pixels / --max-side / --max-aspect-ratio
+    add_video_limit_arguments(check)  # --video-max-frame-pixels / --video-max-seconds / --video-max-source-frames
     check.add_argument("--workers", type=int, default=None, help="threads checking images")
     check.add_argument("--max-warnings", type=int, default=200,
                        help="print at most this many warning lines (all are in --report)")
@@ -131,7 +133,7 @@ def _tokenizer_bits(args) -> dict:
     if max_length is None:
         max_length = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
     name = args.template or getattr(processor, "template", None) or "auto"
-    limits = limits_from_args(args)
+    limits, video_limits = limits_from_args(args), video_limits_from_args(args)
     try:
         template = get_template(name, processor.tokenizer)
     except ValueError as e:
@@ -139,7 +141,7 @@ def _tokenizer_bits(args) -> dict:
     video_token_id = getattr(processor, "video_token_id", None)
 
     def video_tokens(conv):  # from each file's metadata (nothing decoded), as training counts them up front
-        return [processor.num_video_tokens(f) for f in video_frame_counts(conv, processor)]
+        return [processor.num_video_tokens(f) for f in video_frame_counts(conv, processor, video_limits)]
 
     return dict(tokenizer=processor.tokenizer, template=template, image_token_id=processor.image_token_id,
                 image_tokens=lambda conv: image_token_counts(conv, processor, limits)[1], max_length=max_length,
@@ -159,6 +161,7 @@ def _check(args) -> int:
     convs, problems = mixture.conversations, mixture.problems
     problems = validate((convs, problems), check_images=args.images != "skip",
                         full_image_check=args.images == "full", **limits_from_args(args).as_kwargs(),
+                        video_limits=video_limits_from_args(args),
                         workers=args.workers, progress=sys.stderr.isatty(), **bits)
     n = count_samples(convs, problems)
     warnings_shown = 0

@@ -145,12 +145,13 @@ PARALLEL_FROM = 4 * CHUNK  # fewer samples than this are encoded in this process
 def _encode_range(bounds: tuple[int, int]) -> list[tuple]:
     """(position, (ids, spans, n_images, sizes, truncated, n_videos, frames) or None, problem or None, overlong) per
     sample."""
-    convs, processor, template, max_length, overflow, limits = _JOB
+    convs, processor, template, max_length, overflow, limits, video_limits = _JOB
     out, memo = [], {}
     for pos in range(*bounds):
         conv = convs[pos]
         try:
-            sizes, frames, enc = encode_sample(conv, processor, template, max_length, overflow, limits, memo)
+            sizes, frames, enc = encode_sample(conv, processor, template, max_length, overflow, limits, memo,
+                                               video_limits)
         except SampleError as e:  # returned, not raised: a worker's exception would lose its `problem`
             out.append((pos, None, e.problem, isinstance(e, OverlongError)))
             continue
@@ -174,13 +175,14 @@ def default_workers() -> int:
 
 
 def encode_all(conversations: Sequence[Conversation], processor, template: Template, max_length: int | None,
-               overflow: str, limits: ImageLimits, workers: int = 1) -> Iterator[tuple]:
+               overflow: str, limits: ImageLimits, workers: int = 1,
+               video_limits: VideoLimits | None = None) -> Iterator[tuple]:
     """Encode every conversation, in order: yields `_encode_range`'s tuples. ``workers`` > 1 forks that many
     processes (each encodes chunks of CHUNK samples) when there are at least PARALLEL_FROM samples."""
     global _JOB
     n = len(conversations)
     ranges = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)]
-    _JOB = (conversations, processor, template, max_length, overflow, limits)
+    _JOB = (conversations, processor, template, max_length, overflow, limits, video_limits)
     try:
         if workers <= 1 or n < PARALLEL_FROM:
             for r in ranges:
@@ -204,7 +206,8 @@ class SupervisedDataset(Dataset):
     Samples that cannot be trained on are left out and listed in `report`; ``strict=True`` raises
     the first `SampleError` instead. Images over ``image_limits`` (`ImageLimits`: pixels, longest side,
     aspect ratio; training passes ``data.max_pixels`` / ``max_side`` / ``max_aspect_ratio``) are refused
-    from their header, before anything is decoded or resized. ``workers`` > 1 encodes large datasets in
+    from their header, before anything is decoded or resized, and video files over ``video_limits`` (`VideoLimits`:
+    frame pixels, seconds, frames; ``data.video_max_*``) from their metadata. ``workers`` > 1 encodes large datasets in
     that many forked processes (`encode_all`; the result is the same). The tokens live in a `TokenStore`
     (flat arrays); `from_store` makes a dataset of one read back from the start-up cache.
     """
@@ -212,12 +215,13 @@ class SupervisedDataset(Dataset):
     def __init__(self, conversations: Sequence[Conversation], processor, template: Template | str,
                  max_length: int | None = None, overflow: str = "truncate",
                  image_loader: Callable | None = None, strict: bool = False,
-                 image_limits: ImageLimits | None = None, workers: int = 1):
-        self._setup(processor, template, image_limits, image_loader)
+                 image_limits: ImageLimits | None = None, workers: int = 1,
+                 video_limits: VideoLimits | None = None):
+        self._setup(processor, template, image_limits, image_loader, video_limits)
         report = DatasetReport(total=len(conversations))
         builder = StoreBuilder(with_sizes=processor.counts_depend_on_size)
         for pos, done, problem, overlong in encode_all(conversations, processor, self.template, max_length,
-                                                       overflow, self.image_limits, workers):
+                                                       overflow, self.image_limits, workers, self.video_limits):
             if problem is not None:
                 if strict:
                     raise (OverlongError if overlong else SampleError)(problem)
@@ -238,19 +242,20 @@ class SupervisedDataset(Dataset):
     @classmethod
     def from_store(cls, store: TokenStore, report: DatasetReport, processor, template: Template | str,
                    image_limits: ImageLimits | None = None,
-                   image_loader: Callable | None = None) -> "SupervisedDataset":
+                   image_loader: Callable | None = None,
+                   video_limits: VideoLimits | None = None) -> "SupervisedDataset":
         """A dataset over an existing `TokenStore` (e.g. memory-mapped from the start-up cache)."""
         self = cls.__new__(cls)
-        self._setup(processor, template, image_limits, image_loader)
+        self._setup(processor, template, image_limits, image_loader, video_limits)
         self._adopt(store, report)
         return self
 
-    def _setup(self, processor, template, image_limits, image_loader) -> None:
+    def _setup(self, processor, template, image_limits, image_loader, video_limits=None) -> None:
         self.processor = processor
         self.template = get_template(template, processor.tokenizer) if isinstance(template, str) else template
         self.image_limits = image_limits or ImageLimits()
         self.image_loader = image_loader or self.image_limits.open  # picklable, for dataloader workers
-        self.video_limits = VideoLimits()
+        self.video_limits = video_limits or VideoLimits()
 
     def _adopt(self, store: TokenStore, report: DatasetReport) -> None:
         self.store, self.report = store, report

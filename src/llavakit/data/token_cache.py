@@ -8,7 +8,7 @@ found and the report — to one file; the next run with the same inputs memory-m
 ``data.train`` / ``image_folder`` / ``format`` / ``seed``, the tokenizer (its full serialized form:
 vocabulary, merges, added tokens, normalizer...), the template, the processor's image-token policy and video
 sampling (``video_max_frames`` / ``video_fps``: every plain processor setting), ``max_length`` / ``overflow``,
-the image limits and ``check_images``, and this module's `CACHE_VERSION`. Images and videos (files and frame
+the image and video limits and ``check_images``, and this module's `CACHE_VERSION`. Images and videos (files and frame
 files) are not hashed: their size and mtime are stored, and a hit whose images or videos changed on disk is
 rebuilt (a video's frame count, read from its metadata, is cached with it). A file that is truncated or
 corrupt (magic, header, sizes, CRC-32 of the arrays) is rebuilt too, with a log line; a hit is logged.
@@ -236,7 +236,7 @@ class StartupCache:
         self.key = cache_key(description)
         self.path = Path(directory) / f"startup-{self.key}.llkt"
 
-    def load(self, processor, template, limits, say=print) -> Prepared | None:
+    def load(self, processor, template, limits, say=print, video_limits=None) -> Prepared | None:
         from .dataset import DatasetReport, SupervisedDataset
 
         if not self.path.is_file():
@@ -257,7 +257,8 @@ class StartupCache:
                                    skipped=rep["skipped"], problems=[_problem(p) for p in rep["problems"]],
                                    skipped_indices=list(rep["skipped_indices"]))
             store = TokenStore({k: v for k, v in arrays.items() if not k.startswith("checked")})
-            dataset = SupervisedDataset.from_store(store, report, processor, template, image_limits=limits)
+            dataset = SupervisedDataset.from_store(store, report, processor, template, image_limits=limits,
+                                                   video_limits=video_limits)
         except (CacheUnusable, KeyError, TypeError, ValueError) as e:
             say(f"start-up cache: {self.path} is unusable ({e or type(e).__name__}); rebuilding it")
             self.path.unlink(missing_ok=True)
@@ -288,13 +289,14 @@ class StartupCache:
             return False
         return True
 
-    def reopen(self, prepared: Prepared, processor, template, limits) -> Prepared:
+    def reopen(self, prepared: Prepared, processor, template, limits, video_limits=None) -> Prepared:
         """`prepared` with its token arrays memory-mapped from the file just written (frees the copies)."""
         from .dataset import SupervisedDataset
 
         arrays, _ = read_arrays(self.path, verify=False)
         store = TokenStore({k: v for k, v in arrays.items() if not k.startswith("checked")})
-        dataset = SupervisedDataset.from_store(store, prepared.dataset.report, processor, template, image_limits=limits)
+        dataset = SupervisedDataset.from_store(store, prepared.dataset.report, processor, template, image_limits=limits,
+                                               video_limits=video_limits)
         return dataclasses.replace(prepared, dataset=dataset)
 
 
@@ -302,16 +304,19 @@ class StartupCache:
 def prepare(train: Any, processor, template, *, image_folder: str | None = None, format: str = "auto",
             seed: int = 0, max_length: int | None = None, overflow: str = "truncate", limits=None,
             check_images: bool = True, cache_dir: str | os.PathLike | None = None, workers: int = 1,
-            say=print) -> Prepared:
+            say=print, video_limits=None) -> Prepared:
     """Read, validate (`llavakit.data.validate`) and tokenize ``train`` (``data.train``: a file or a
     mixture) — or load all of that from the start-up cache in ``cache_dir`` (None: no cache). Problems
-    are returned, never raised: what to refuse is the caller's policy. ``workers``: see `SupervisedDataset`."""
+    are returned, never raised: what to refuse is the caller's policy. ``workers``: see `SupervisedDataset`;
+    ``limits`` / ``video_limits``: `ImageLimits` / `VideoLimits` (None = the defaults)."""
     from .dataset import SupervisedDataset
     from .images import ImageLimits
     from .mixture import is_mixture_file, load_mixture, read_sources
     from .validate import validate
 
-    limits = limits or ImageLimits()
+    from .video import VideoLimits
+
+    limits, video_limits = limits or ImageLimits(), video_limits or VideoLimits()
     cache, note = None, "start-up cache: off"
     if cache_dir is not None:
         files = source_files(read_sources(train, image_folder, format), [train] if is_mixture_file(train) else [])
@@ -325,20 +330,21 @@ def prepare(train: Any, processor, template, *, image_folder: str | None = None,
                 "seed": seed, "template": template_fingerprint(template),
                 "tokenizer": tokenizer_fingerprint(processor.tokenizer), "processor": processor_fingerprint(processor),
                 "max_length": max_length, "overflow": overflow, "limits": limits.as_kwargs(),
-                "check_images": check_images}
+                "video_limits": dataclasses.asdict(video_limits), "check_images": check_images}
             cache = StartupCache(cache_dir, description)
-            hit = cache.load(processor, template, limits, say)
+            hit = cache.load(processor, template, limits, say, video_limits)
             if hit is not None:
                 return hit
     clock = [time.perf_counter()]
     mixture = load_mixture(train, image_folder, format, seed=seed)
     convs = mixture.conversations
     clock.append(time.perf_counter())
-    problems = validate((convs, mixture.problems), check_images=check_images, **limits.as_kwargs())
+    problems = validate((convs, mixture.problems), check_images=check_images, **limits.as_kwargs(),
+                        video_limits=video_limits)
     bad = {p.index for p in problems if p.severity == "error"}
     clock.append(time.perf_counter())
     dataset = SupervisedDataset([c for c in convs if c.index not in bad], processor, template, max_length=max_length,
-                                overflow=overflow, image_limits=limits, workers=workers)
+                                overflow=overflow, image_limits=limits, workers=workers, video_limits=video_limits)
     clock.append(time.perf_counter())
     phases = zip(("read", "checks", "tokenization"), clock, clock[1:])
     took = ", ".join(f"{what} {b - a:.1f} s" for what, a, b in phases)
@@ -350,7 +356,7 @@ def prepare(train: Any, processor, template, *, image_folder: str | None = None,
             prepared.cache_note = "start-up cache: off (some images are not file paths)"
         elif cache.save(prepared, say):
             del convs, mixture, dataset  # the arrays now live in the file: map them and drop the copies
-            prepared = cache.reopen(prepared, processor, template, limits)
+            prepared = cache.reopen(prepared, processor, template, limits, video_limits)
             prepared.cache_note = f"start-up cache: wrote {cache.path} ({took})"
         say(prepared.cache_note)
     return prepared

@@ -38,8 +38,12 @@ VIDEO_HINTS = {
     "video corrupt": "the file is not a readable video; re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4), give its "
                      "frames as a list of images, or drop the sample",
     "video has no frames": "the file holds no decodable video stream; re-encode it or drop the sample",
-    "video too large": "scale the video down (ffmpeg -vf scale=-2:1080), or raise max_frame_pixels if you trust it",
-    "video too long": "cut the video (ffmpeg -t SECONDS), or raise max_seconds / max_source_frames if you trust it",
+    "video too large": "scale the video down (ffmpeg -vf scale=-2:1080), or raise max_frame_pixels if you trust it "
+                       "(data.video_max_frame_pixels in a training config, --video-max-frame-pixels on the command "
+                       "line)",
+    "video too long": "cut the video (ffmpeg -t SECONDS), or raise max_seconds / max_source_frames if you trust it "
+                      "(data.video_max_seconds / data.video_max_source_frames in a training config, "
+                      "--video-max-seconds / --video-max-source-frames on the command line)",
     "video wrong type": "a video reference must be a file path or a list of frame images",
 }
 
@@ -67,6 +71,26 @@ class VideoLimits:
         or CLI flags: None (unset) means the default, 0 or less turns the limit off (`pick_limit`)."""
         return cls(pick_limit(max_frame_pixels, DEFAULT_MAX_FRAME_PIXELS), pick_limit(max_seconds, DEFAULT_MAX_SECONDS),
                    pick_limit(max_source_frames, DEFAULT_MAX_SOURCE_FRAMES))
+
+
+def add_video_limit_arguments(parser) -> None:
+    """``--video-max-frame-pixels`` / ``--video-max-seconds`` / ``--video-max-source-frames`` (unset: the
+    `VideoLimits.of` defaults; 0 = off), the flags of ``data.video_max_*``."""
+    parser.add_argument("--video-max-frame-pixels", type=int, default=None,
+                        help=f"refuse video files whose frames have more pixels than this (default "
+                             f"{DEFAULT_MAX_FRAME_PIXELS:,}, 4K UHD; 0 = off)")
+    parser.add_argument("--video-max-seconds", type=float, default=None,
+                        help=f"refuse video files longer than this many seconds (default {DEFAULT_MAX_SECONDS:g}; "
+                             "0 = off)")
+    parser.add_argument("--video-max-source-frames", type=int, default=None,
+                        help=f"refuse video files holding more frames than this (default {DEFAULT_MAX_SOURCE_FRAMES:,};"
+                             " 0 = off)")
+
+
+def video_limits_from_args(args) -> VideoLimits:
+    """The `VideoLimits` of `add_video_limit_arguments`'s flags."""
+    return VideoLimits.of(*(getattr(args, k, None) for k in ("video_max_frame_pixels", "video_max_seconds",
+                                                             "video_max_source_frames")))
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,17 @@ def prepare_data(cfg: RunConfig, processor, say=print, run_dir: Path | None = No
     from llavakit.data.images import ImageLimits
     from llavakit.data.templates import get_template
     from llavakit.data.token_cache import prepare
+    from llavakit.data.video import VideoLimits
 
     d = cfg.data
     name = d.train if isinstance(d.train, str) else "the mixture"
     limits = ImageLimits.of(d.max_pixels, d.max_side, d.max_aspect_ratio)  # checked from headers, before decoding
+    video_limits = VideoLimits.of(d.video_max_frame_pixels, d.video_max_seconds, d.video_max_source_frames)
     template = get_template(d.template, processor.tokenizer)
     prepared = prepare(d.train, processor, template, image_folder=d.image_folder, format=d.format, seed=d.seed,
                        max_length=d.max_length, overflow=d.overflow, limits=limits, check_images=d.check_images,
-                       cache_dir=data_cache_dir(cfg), workers=d.preprocess_workers or default_workers(), say=say)
+                       cache_dir=data_cache_dir(cfg), workers=d.preprocess_workers or default_workers(), say=say,
+                       video_limits=video_limits)
     dataset, problems = prepared.dataset, prepared.problems
     report = dataset.report
     skipped_at = set(report.skipped_indices)

@@ -65,6 +65,12 @@ class DataConfig:
     max_pixels: int | None = None  # width x height (decompression bombs)
     max_side: int | None = None  # longest side: LLaVA's pad processes a square of it
     max_aspect_ratio: float | None = None  # long side / short side: a short-side resize multiplies pixels by it
+    # Video size limits, checked from each video file's metadata before decoding and again while decoding
+    # (llavakit.data.video.VideoLimits); None = the default (3840x2160 pixels a frame, 600 s, 18,000 frames), 0 = no
+    # limit. A video given as a list of frame images is checked frame by frame against max_pixels instead.
+    video_max_frame_pixels: int | None = None  # width x height of one frame
+    video_max_seconds: float | None = None  # duration
+    video_max_source_frames: int | None = None  # frames in the file (the worst case decodes them all)
     # Folder of a frozen-vision feature cache (train/feature_cache.py): the vision tower runs once per
     # image and later epochs/runs read its outputs from disk. Needs train.train_vision: false.
     feature_cache: str | None = None
@@ -210,6 +216,23 @@ def apply_override(tree: dict, override: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
 
 
+LIMIT_KEYS = {"max_pixels": int, "max_side": int, "max_aspect_ratio": float, "video_max_frame_pixels": int,
+              "video_max_seconds": float, "video_max_source_frames": int}  # DataConfig's size limits, by type
+
+
+def check_data_limits(d: DataConfig) -> None:
+    """The image and video size limits of `data`: unset (None = the default), 0 (no limit) or a positive number
+    (an integer for pixel, side and frame counts)."""
+    for key, kind in LIMIT_KEYS.items():
+        value = getattr(d, key)
+        if value is None:
+            continue
+        number = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number) or value < 0 or value != value:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"data.{key}={value!r} must be {what} >= 0 (unset = the default, 0 = no limit)")
+
+
 def check_image_policy(m: ModelConfig) -> None:
     """`model.image_tokens` / `image_grid_pinpoints` / `anyres_max_tiles`: known values that fit together (the
     pinpoints' multiple-of-the-tile check needs the encoder, `recipes.apply_image_policy` does it)."""
@@ -297,6 +320,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not ok:
             raise ConfigError(msg)
     check_image_policy(cfg.model)
+    check_data_limits(d)
     from llavakit.data.mixture import check_train_entries
     from llavakit.data.sources import DataSourceError
 
