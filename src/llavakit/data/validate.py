@@ -12,6 +12,7 @@ Every reason starts with a short kind (``"image missing: ..."``) that `summarize
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -170,8 +171,16 @@ def _tokens(conv: Conversation, encode, template, tokenizer, image_token_id, ima
         if video_token_id is not None or conv.videos:  # (image-only checks keep encode's image-only contract)
             vcounts = (video_tokens(conv) if callable(video_tokens) else video_tokens) or ()
             video = dict(video_token_id=video_token_id, video_tokens=vcounts)
-        return encode(conv, template, tokenizer, image_token_id, counts, max_length=limit,
-                      overflow=overflow, tokenization=tokenization, **video)
+        enc = encode(conv, template, tokenizer, image_token_id, counts, max_length=limit,
+                     overflow=overflow, tokenization=tokenization, **video)
+        if callable(image_tokens) and enc.num_images == 1 and len(conv.images) > 1 and not isinstance(counts, int):
+            # as training does (`dataset.encode_sample`): an image left alone by truncation is counted as a single
+            # image (under anyres_max tiled, no longer base tile + newline); a policy without the rule counts it alike
+            alone = image_tokens(dataclasses.replace(conv, images=conv.images[:1]))
+            if not isinstance(alone, int) and alone[0] != counts[0]:
+                enc = encode(conv, template, tokenizer, image_token_id, [alone[0], *counts[1:]], max_length=limit,
+                             overflow=overflow, tokenization=tokenization, **video)
+        return enc
 
     try:
         full = run(None)
