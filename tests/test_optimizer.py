@@ -178,3 +178,40 @@ def test_adamw_8bit_keeps_8_bit_moments_and_trains_like_adamw(tiny_dirs, data, t
     opt.step()
     state = opt.state[group.params[0]]
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+
+
+
+MAPPED = """
+import ctypes, sys, torch
+from llavakit.train.host_memory import return_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "on":
+    assert return_freed_memory()
+big = torch.empty(16 << 20, dtype=torch.uint8); big.fill_(1); del big  # glibc's own threshold rises to 16 MiB
+before = libc.mallinfo2().hblkhd
+keep = [torch.ones(3 << 19, dtype=torch.uint8) for _ in range(20)]  # 20 x 1.5 MiB
+print((libc.mallinfo2().hblkhd - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_return_freed_memory_maps_large_blocks_so_freeing_them_returns_them(tmp_path):
+    """train.return_freed_memory: 1.5 MiB tensors are mapped on their own (glibc's mallinfo2: bytes in mapped
+    blocks), so freeing one unmaps it; with glibc's defaults, once a 16 MiB block was freed, they come from the
+    heap, whose freed holes stay resident."""
+    import ctypes
+    import subprocess
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("no glibc >= 2.33 (mallinfo2)")
+    script = tmp_path / "mapped.py"
+    script.write_text(MAPPED)
+    mapped = {m: float(subprocess.run([sys.executable, str(script), m], capture_output=True, text=True,
+                                      check=True).stdout) for m in ("off", "on")}
+    assert mapped["on"] >= 30 and mapped["off"] < 1, mapped

@@ -113,6 +113,9 @@ class TrainConfig:
     # Update each weight inside backward as soon as its gradient is ready and free that gradient (train/optim.py):
     # no full set of gradients in memory. Needs max_grad_norm: 0, grad_accum: 1, on_nonfinite: stop, one process.
     optimizer_in_backward: bool = False
+    # CPU: blocks of 1 MiB and more are mapped and unmapped directly (glibc mallopt), so freed memory goes back to
+    # the OS instead of staying in a fragmented heap (train/host_memory.py); no effect on GPU memory
+    return_freed_memory: bool = True
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     # LM head + loss only at supervised positions (same loss, no [B, L, vocab] logits tensor)
@@ -299,6 +302,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         (isinstance(t.optimizer_in_backward, bool), f"train.optimizer_in_backward={t.optimizer_in_backward!r} must be "
          "true or false"),
         *in_backward_checks(t),
+        (isinstance(t.return_freed_memory, bool), f"train.return_freed_memory={t.return_freed_memory!r} must be "
+         "true or false"),
         (isinstance(t.loss_chunk_size, int) and not isinstance(t.loss_chunk_size, bool) and t.loss_chunk_size >= 0,
          f"train.loss_chunk_size={t.loss_chunk_size!r} must be an integer >= 0 (0 = no chunking, N = rows of "
          "logits per chunk)"),

@@ -30,6 +30,7 @@ from .recipes import PROJECTOR_FILE, apply_stage, assemble, trainable_table
 from .runlog import (LOSS_LOG, RNG_ALLOW, RunLock, append_loss, check_resume_config, check_resume_data,
                      data_fingerprint, flat_config, guard_output_dir, plot_losses, progress_bar, read_losses, trackers,
                      truncate_loss_log, write_run_config)
+from .host_memory import return_freed_memory
 from .optim import attach_in_backward
 from .step import (NonFiniteError, StepResult, check_finite_weights, make_optimizer, on_nonfinite, optimizer_step,
                    supervised_count)
@@ -180,6 +181,8 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
     t = cfg.train
     main = accelerator.is_main_process
     set_seed(t.seed)
+    if t.return_freed_memory and accelerator.device.type == "cpu":  # before the weights and data are allocated
+        return_freed_memory()
 
     model, processor = assemble(cfg)
     if cfg.data.packing and use_packed_attention(model):  # sdpa/eager: no dense [ΣL, ΣL] mask per packed row
