@@ -137,6 +137,7 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
     from transformers import get_scheduler
 
     from llavakit.model.packed_attention import use_packed_attention
+    from llavakit.train.host_memory import return_freed_memory
     from llavakit.train.optim import attach_in_backward
     from llavakit.train.config import load_config
     from llavakit.train.loop import (epoch_order, make_collator, make_loader, make_optimizer, optimizer_step,
@@ -155,12 +156,15 @@ def run_llavakit(row: Row, wd: Path, args) -> dict:
                   "lr": 2e-5 if row.stage == 2 else 1e-3, "supervised_logits_only": row.sup,
                   "loss_chunk_size": row.chunk, "gradient_checkpointing": row.ckpt,
                   "compile": row.compile, "optimizer": row.optim, "optimizer_in_backward": row.in_bwd,
+                  "return_freed_memory": row.malloc,
                   **({"max_grad_norm": 0.0} if row.in_bwd else {}),
                   "precision": args.precision, "report_to": "none", "output_dir": str(tmp / "run"),
                   "schedule": "constant", "warmup_ratio": 0.0, "seed": 0}})
     accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16"}[args.precision],
                               cpu=args.device == "cpu")
     quiet = lambda *a, **k: None  # noqa: E731
+    if cfg.train.return_freed_memory and args.device == "cpu":  # as the trainer does
+        return_freed_memory()
     model, processor = assemble(cfg)
     if cfg.data.packing:  # as the trainer does: an sdpa/eager LLM attends per packed sample, with no dense mask
         use_packed_attention(model)

@@ -72,6 +72,9 @@ class Row:
     compile: bool = False  # train.compile (torch.compile of the LLM's decoder layers); only run when named in --rows
     optim: str = "adamw"  # train.optimizer (adamw_8bit: bitsandbytes; rows left out where it is not installed)
     in_bwd: bool = False  # train.optimizer_in_backward (then train.max_grad_norm: 0: no clipping)
+    # freed blocks >= 1 MiB go back to the OS (glibc mmap/trim thresholds): llavakit's train.return_freed_memory
+    # (its default on CPU); for the peer and TRL rows the MALLOC_*_THRESHOLD_ environment variables
+    malloc: bool = True
 
 
 CHUNK = 1024  # train.loss_chunk_size of the chunked-loss rows (docs/performance.md, "The chunked LM-head loss")
@@ -79,10 +82,10 @@ CHUNK = 1024  # train.loss_chunk_size of the chunked-loss rows (docs/performance
 
 def stage2_rows(workers: int) -> list[Row]:
     """Numbered from 1 in this order (`--rows`); the TRL rows are dropped where trl is not installed; the compile
-    rows (14, 15) run only when `--rows` names them (compiling takes minutes on a CPU); the 8-bit row (18) is
+    rows (14, 15) run only when `--rows` names them (compiling takes minutes on a CPU); the 8-bit rows (18, 19) are
     dropped where bitsandbytes is not installed."""
     return [
-        Row("peer: HF Llava + Trainer", system="peer"),
+        Row("peer: HF Llava + Trainer", system="peer", malloc=False),
         Row("llavakit baseline (pad, shuffled, full logits)"),
         Row("  + length grouping", group=True),
         Row("  + supervised-only logits", sup=True),
@@ -94,8 +97,8 @@ def stage2_rows(workers: int) -> list[Row]:
         Row("llavakit grouping + sup-only + chunked loss + workers", group=True, sup=True, chunk=CHUNK,
             workers=workers),
         Row("  the same + gradient checkpointing", group=True, sup=True, chunk=CHUNK, workers=workers, ckpt=True),
-        Row("TRL SFTTrainer (its defaults: gradient checkpointing)", system="trl", ckpt=True),
-        Row("TRL SFTTrainer, gradient_checkpointing=False", system="trl"),
+        Row("TRL SFTTrainer (its defaults: gradient checkpointing)", system="trl", ckpt=True, malloc=False),
+        Row("TRL SFTTrainer, gradient_checkpointing=False", system="trl", malloc=False),
         Row("llavakit grouping + sup-only + chunked loss + workers + compile", group=True, sup=True, chunk=CHUNK,
             workers=workers, compile=True),
         Row("llavakit all on (+ packing) + chunked loss + compile", group=True, sup=True, pack=True, chunk=CHUNK,
@@ -106,12 +109,16 @@ def stage2_rows(workers: int) -> list[Row]:
             in_bwd=True),
         Row("  the same + gradient checkpointing + 8-bit AdamW", group=True, sup=True, chunk=CHUNK, workers=workers,
             ckpt=True, in_bwd=True, optim="adamw_8bit"),
+        Row("  the same with glibc's default malloc (train.return_freed_memory: false)", group=True, sup=True,
+            chunk=CHUNK, workers=workers, ckpt=True, in_bwd=True, optim="adamw_8bit", malloc=False),
+        Row("TRL SFTTrainer (its defaults), freed memory returned (MALLOC_*_THRESHOLD_=1 MiB)", system="trl",
+            ckpt=True),
     ]
 
 
 def stage1_rows(workers: int) -> list[Row]:
     return [
-        Row("peer: HF Llava + Trainer (stage 1)", stage=1, system="peer"),
+        Row("peer: HF Llava + Trainer (stage 1)", stage=1, system="peer", malloc=False),
         Row("llavakit stage 1 (pixels)", stage=1, group=True, sup=True, workers=workers),
         Row("llavakit stage 1 + feature cache", stage=1, group=True, sup=True, workers=workers, cache=True),
     ]
