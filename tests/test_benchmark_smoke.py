@@ -30,8 +30,10 @@ def _run(tmp_path, *extra) -> tuple[dict, str]:
 def test_every_row_of_both_stages_runs_beside_the_peer(tmp_path):
     report, stdout = _run(tmp_path, "--inline")  # one process: fast; memory is not isolated per row
     s2, s1 = report["stage2"], report["stage1"]
-    has_trl = importlib.util.find_spec("trl") is not None  # its two rows are left out without it
-    assert len(s2) == (13 if has_trl else 11) and len(s1) == 3
+    has_trl = importlib.util.find_spec("trl") is not None  # its three rows are left out without it
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None  # and the two 8-bit AdamW rows without bitsandbytes
+    assert len(s2) == 13 + 3 * has_trl + 2 * has_bnb and len(s1) == 3
+    assert ("bitsandbytes is not installed" in stdout) == (not has_bnb)
     assert ("trl is not installed" in stdout) == (not has_trl)
     for r in s2 + s1:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
@@ -50,7 +52,10 @@ def test_every_row_of_both_stages_runs_beside_the_peer(tmp_path):
     assert s1[2]["config"]["cache"] and s1[2]["cache_build_s"] > 0 and report["stage1_cache_speedup"] > 0
     assert "× peer" in stdout and "llavakit best (stage 2)" in stdout
     chunked = [r for r in s2 if r["config"]["chunk"]]
-    assert len(chunked) == 3 and all(r["config"]["sup"] for r in chunked)
+    assert len(chunked) == 5 + 2 * has_bnb and all(r["config"]["sup"] for r in chunked)
+    in_bwd = [r for r in s2 if r["config"]["in_bwd"]]  # AdamW inside backward: same samples, same tokens
+    assert len(in_bwd) == 2 + 2 * has_bnb and all(per_sample(r) == pytest.approx(per_sample(chunked[0]), rel=1e-6)
+                                                  for r in in_bwd)
     assert per_sample(chunked[0]) == pytest.approx(per_sample(baseline), rel=1e-6)  # same samples, same tokens
 
 
