@@ -197,6 +197,29 @@ def encode_all(conversations: Sequence[Conversation], processor, template: Templ
         _JOB = None
 
 
+def encode_into(builder: StoreBuilder, report: DatasetReport, conversations: Sequence[Conversation], processor,
+                template: Template, max_length: int | None, overflow: str, limits: ImageLimits, workers: int = 1,
+                video_limits: VideoLimits | None = None, strict: bool = False) -> None:
+    """Encode `conversations` (`encode_all`) and add them to `builder` and `report` (``total``, dropped, skipped,
+    truncated). Called once per chunk, it builds the same store and report as once over all of them."""
+    report.total += len(conversations)
+    for pos, done, problem, overlong in encode_all(conversations, processor, template, max_length, overflow, limits,
+                                                   workers, video_limits):
+        if problem is not None:
+            if strict:
+                raise (OverlongError if overlong else SampleError)(problem)
+            report.problems.append(problem)
+            if overlong:
+                report.dropped += 1
+            else:
+                report.skipped += 1
+                report.skipped_indices.append(problem.index)
+            continue
+        ids, spans, n_images, sizes, truncated, n_videos, frames = done
+        builder.add(conversations[pos], ids, spans, n_images, sizes, n_videos, frames)
+        report.truncated += int(truncated)
+
+
 class SupervisedDataset(Dataset):
     """Items: ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n,3,H,W] | None,
     "num_images": n}`` (+ ``"image_sizes"`` [n, 2] when counts depend on the image sizes; under anyres /
@@ -218,23 +241,10 @@ class SupervisedDataset(Dataset):
                  image_limits: ImageLimits | None = None, workers: int = 1,
                  video_limits: VideoLimits | None = None):
         self._setup(processor, template, image_limits, image_loader, video_limits)
-        report = DatasetReport(total=len(conversations))
+        report = DatasetReport()
         builder = StoreBuilder(with_sizes=processor.counts_depend_on_size)
-        for pos, done, problem, overlong in encode_all(conversations, processor, self.template, max_length,
-                                                       overflow, self.image_limits, workers, self.video_limits):
-            if problem is not None:
-                if strict:
-                    raise (OverlongError if overlong else SampleError)(problem)
-                report.problems.append(problem)
-                if overlong:
-                    report.dropped += 1
-                else:
-                    report.skipped += 1
-                    report.skipped_indices.append(problem.index)
-                continue
-            ids, spans, n_images, sizes, truncated, n_videos, frames = done
-            builder.add(conversations[pos], ids, spans, n_images, sizes, n_videos, frames)
-            report.truncated += int(truncated)
+        encode_into(builder, report, conversations, processor, self.template, max_length, overflow, self.image_limits,
+                    workers, self.video_limits, strict)
         self._adopt(builder.finish(), report)
         if report.dropped or report.skipped or report.truncated:
             log.info("%s", report)

@@ -74,24 +74,67 @@ def supervised_spans(labels: Sequence[int]) -> np.ndarray:
     return np.stack([np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)], axis=1).astype(np.int32)
 
 
+class Column:
+    """A numpy array grown in place with ``ndarray.resize`` (``realloc``: a large block is moved by ``mremap``, not
+    copied), so building a column of N values never holds two copies of it. numpy zero-fills what a resize adds
+    (resident at once), so the capacity grows by 1/16 at a time: at most 1/16 of the column is slack."""
+
+    def __init__(self, dtype, tail: tuple = ()):
+        self.data = np.empty((16, *tail), dtype=dtype)
+        self.size = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.size + len(values)
+        if need > len(self.data):
+            self.data.resize((max(need, len(self.data) + len(self.data) // 16), *self.data.shape[1:]), refcheck=False)
+        self.data[self.size:need] = values
+        self.size = need
+
+    def finish(self) -> np.ndarray:
+        """The values (the column is done: its buffer is shrunk to them and handed over)."""
+        self.data.resize((self.size, *self.data.shape[1:]), refcheck=False)
+        data, self.data = self.data, None
+        return data
+
+
 class StoreBuilder:
-    """Collects encoded samples (in dataset order) into the arrays of a `TokenStore`."""
+    """Collects encoded samples (in dataset order) into the arrays of a `TokenStore`.
+
+    Every `SEAL_EVERY` samples what was added is appended to one growing numpy `Column` per array, so the
+    builder holds a few Python objects per sample only for the samples since the last seal, and no copy of
+    its arrays when it finishes: a build over millions of samples costs its arrays, not a list of small
+    objects per sample. The distinct image references (`table`) stay Python strings (one per distinct image)."""
+
+    SEAL_EVERY = 4096
 
     def __init__(self, with_sizes: bool):
+        self.with_sizes = with_sizes
+        self.table: list[Any] = []  # distinct image references
+        self._where: dict[Any, int] = {}
+        self._source_names: dict[str, int] = {}
+        i32, i64 = np.int32, np.int64
+        self._columns = {name: Column(dtype, tail) for name, dtype, tail in (
+            ("ids", i32, ()), ("lengths", i64, ()), ("spans", i32, (2,)), ("n_spans", i64, ()), ("n_images", i32, ()),
+            ("images", i32, ()), ("n_videos", i32, ()), ("videos", i32, ()), ("video_frames", i32, ()),
+            ("index", i64, ()), ("source", i32, ()), ("id.blob", np.uint8, ()), ("id.lengths", i64, ()),
+            ("id.present", bool, ()), ("sizes", i64, (2,)))}
+        self._start()
+
+    def _start(self) -> None:
         self.ids: list[np.ndarray] = []
         self.spans: list[np.ndarray] = []
         self.n_images: list[int] = []
         self.images: list[int] = []  # table positions, sample after sample
-        self.sizes: list[tuple[int, int]] | None = [] if with_sizes else None
+        self.sizes: list[tuple[int, int]] | None = [] if self.with_sizes else None
         self.n_videos: list[int] = []
         self.videos: list[int] = []  # table positions of the videos, sample after sample
         self.video_frames: list[int] = []  # each video's sampled frame count (its placeholders follow from it)
         self.index: list[int] = []
         self.sample_ids: list[str | None] = []
         self.sources: list[int] = []
-        self.table: list[Any] = []  # distinct image references
-        self._where: dict[Any, int] = {}
-        self._source_names: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._columns["n_images"].size + len(self.n_images)
 
     def _ref(self, ref: Any) -> int:
         key = ref if isinstance(ref, str) else ("object", id(ref))
@@ -115,32 +158,50 @@ class StoreBuilder:
         self.index.append(conv.index)
         self.sample_ids.append(conv.id)
         self.sources.append(self._source_names.setdefault(conv.source, len(self._source_names)))
+        if len(self.n_images) >= self.SEAL_EVERY:
+            self.seal()
+
+    def seal(self) -> None:
+        """Append the samples added since the last seal to the columns (nothing changes in the result)."""
+        if not self.n_images:
+            return
+        encoded = [b"" if v is None else v.encode("utf-8", "surrogatepass") for v in self.sample_ids]
+        parts = {
+            "ids": np.concatenate(self.ids),
+            "lengths": [len(p) for p in self.ids],
+            "spans": np.concatenate(self.spans).reshape(-1, 2),
+            "n_spans": [len(p) for p in self.spans],
+            "n_images": self.n_images, "images": self.images, "n_videos": self.n_videos, "videos": self.videos,
+            "video_frames": self.video_frames, "index": self.index, "source": self.sources,
+            "id.blob": np.frombuffer(b"".join(encoded), dtype=np.uint8),
+            "id.lengths": [len(b) for b in encoded],
+            "id.present": [v is not None for v in self.sample_ids],
+            "sizes": np.asarray(self.sizes or [], dtype=np.int64).reshape(-1, 2),
+        }
+        for name, values in parts.items():
+            column = self._columns[name]
+            column.extend(np.asarray(values, dtype=column.data.dtype))
+        self._start()
 
     def finish(self) -> "TokenStore":
-        def cuts(parts):
-            out = np.zeros(len(parts) + 1, dtype=np.int64)
-            np.cumsum([len(p) for p in parts], out=out[1:])
-            return out
+        self.seal()
+        done = {name: column.finish() for name, column in self._columns.items()}
+        self._columns = {}
 
-        n_images = np.asarray(self.n_images, dtype=np.int32)
+        def cuts(lengths):
+            return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+
         arrays = {
-            "ids": np.concatenate(self.ids).astype(np.int32) if self.ids else np.zeros(0, np.int32),
-            "offsets": cuts(self.ids),
-            "spans": np.concatenate(self.spans).astype(np.int32) if self.spans else np.zeros((0, 2), np.int32),
-            "span_offsets": cuts(self.spans),
-            "n_images": n_images,
-            "image_offsets": np.concatenate(([0], np.cumsum(n_images, dtype=np.int64))),
-            "images": np.asarray(self.images, dtype=np.int32),
-            "n_videos": np.asarray(self.n_videos, dtype=np.int32),
-            "video_offsets": np.concatenate(([0], np.cumsum(np.asarray(self.n_videos, dtype=np.int64)))),
-            "videos": np.asarray(self.videos, dtype=np.int32),
-            "video_frames": np.asarray(self.video_frames, dtype=np.int32),
-            "index": np.asarray(self.index, dtype=np.int64),
-            "source": np.asarray(self.sources, dtype=np.int32),
+            "ids": done["ids"], "offsets": cuts(done["lengths"]),
+            "spans": done["spans"], "span_offsets": cuts(done["n_spans"]),
+            "n_images": done["n_images"], "image_offsets": cuts(done["n_images"]), "images": done["images"],
+            "n_videos": done["n_videos"], "video_offsets": cuts(done["n_videos"]), "videos": done["videos"],
+            "video_frames": done["video_frames"], "index": done["index"], "source": done["source"],
         }
-        if self.sizes is not None:
-            arrays["sizes"] = np.asarray(self.sizes, dtype=np.int64).reshape(-1, 2)
-        arrays.update(Strings.pack(self.sample_ids).arrays("id"))
+        if self.with_sizes:
+            arrays["sizes"] = done["sizes"]
+        arrays.update({"id.blob": done["id.blob"], "id.offsets": cuts(done["id.lengths"]),
+                       "id.present": done["id.present"]})
         arrays.update(Strings.pack(list(self._source_names)).arrays("source_names"))
         if all(isinstance(r, str) for r in self.table):  # paths: packed (and cacheable)
             arrays.update(Strings.pack(self.table).arrays("table"))
