@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
 from .conversation import IMAGE_MARKER, ROLES, Conversation, Problem, SampleError
+from .idset import SeenIds
 from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from .specials import special_text_warnings
 from .video import VIDEO_MARKER, VideoError, VideoLimits, probe_video, read_video
@@ -35,6 +36,17 @@ class DataValidationError(ValueError):
     def __init__(self, message: str, problems: list[Problem]):
         self.problems = problems
         super().__init__(message)
+
+
+@dataclasses.dataclass
+class ValidationState:
+    """What `validate` remembers between calls, so that validating a dataset chunk by chunk (the start-up
+    cache's streaming build) finds exactly what validating it at once finds: the ids met (duplicates), and
+    each distinct image / video file's verdict (each opened once). Per distinct file and per id, not per row."""
+
+    ids: SeenIds = dataclasses.field(default_factory=SeenIds)
+    images: dict = dataclasses.field(default_factory=dict)  # path -> ImageError | None
+    videos: dict = dataclasses.field(default_factory=dict)  # path -> VideoError | None
 
 
 # --- checks on one conversation -----------------------------------------------------------------
@@ -100,9 +112,11 @@ def _structure(conv: Conversation) -> list[tuple[str, str, str]]:
 
 
 def _check_images(convs: Sequence[Conversation], limits: ImageLimits, full: bool, workers: int | None,
-                  progress: bool) -> dict[int, list[tuple[str, str, str]]]:
-    """conversation position -> image problems. Each distinct path is opened once (LLaVA data reuses images)."""
-    paths = sorted({ref for c in convs for ref in c.images if isinstance(ref, str)})
+                  progress: bool, memo: dict | None = None) -> dict[int, list[tuple[str, str, str]]]:
+    """conversation position -> image problems. Each distinct path is opened once (LLaVA data reuses images;
+    ``memo``, path -> verdict, carries them from one call to the next)."""
+    memo = {} if memo is None else memo
+    paths = sorted({ref for c in convs for ref in c.images if isinstance(ref, str)} - memo.keys())
     workers = workers or min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding: threads help
 
     def diagnose(ref):
@@ -114,23 +128,23 @@ def _check_images(convs: Sequence[Conversation], limits: ImageLimits, full: bool
             from tqdm import tqdm
 
             results = tqdm(results, total=len(paths), desc="checking images", unit="img")
-        by_path = dict(zip(paths, results))
+        memo.update(zip(paths, results))
     out: dict[int, list[tuple[str, str, str]]] = {}
     for pos, conv in enumerate(convs):
         for k, ref in enumerate(conv.images):
-            err = by_path[ref] if isinstance(ref, str) else diagnose(ref)
+            err = memo[ref] if isinstance(ref, str) else diagnose(ref)
             if err is not None:
                 where = f" (image {k + 1} of {len(conv.images)})" if len(conv.images) > 1 else ""
                 out.setdefault(pos, []).append(("error", err.reason + where, err.hint))
     return out
 
 
-def _check_videos(convs: Sequence[Conversation], limits: ImageLimits, video_limits: VideoLimits, full: bool
-                  ) -> dict[int, list[tuple[str, str, str]]]:
+def _check_videos(convs: Sequence[Conversation], limits: ImageLimits, video_limits: VideoLimits, full: bool,
+                  seen: dict | None = None) -> dict[int, list[tuple[str, str, str]]]:
     """conversation position -> video problems. A file: its metadata against `video_limits` (``full``: decoded up
     to its last sampled frame, which finds truncated files); a list of frames: each frame as an image."""
     frame_limits = ImageLimits(limits.max_pixels, None, None)  # frames are squashed to one tile: no side/aspect limit
-    seen: dict[str, VideoError | None] = {}
+    seen = {} if seen is None else seen  # path -> VideoError | None
 
     def diagnose(ref):
         if isinstance(ref, (list, tuple)):
@@ -220,7 +234,7 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
              max_side: int | None = DEFAULT_MAX_SIDE, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
              workers: int | None = None, progress: bool = False, tokenization: str = "llm",
              video_token_id: int | None = None, video_tokens=None,
-             video_limits: VideoLimits | None = None) -> list[Problem]:
+             video_limits: VideoLimits | None = None, state: ValidationState | None = None) -> list[Problem]:
     """Every problem with the samples, sorted by index: the readers' (if `data` is a reader's
     ``(conversations, problems)``) plus structural, image, duplicate-id and, with a tokenizer and a
     template (a `Template` or its name), supervision and length checks.
@@ -236,6 +250,8 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
     returning one count per image (`llavakit.data.dataset.image_token_counts`); ``video_token_id`` /
     ``video_tokens`` the same for videos (models with a ``<video>`` token; ``video_tokens`` a function of the
     conversation returning one count per video). Videos are checked against ``video_limits`` (`VideoLimits`).
+    ``state`` (`ValidationState`) carries duplicate ids and image verdicts over from earlier calls: validating
+    consecutive chunks with one state gives what validating them at once gives.
     """
     convs, problems = _split(data)
     encode = None
@@ -247,21 +263,24 @@ def validate(data: tuple[list[Conversation], list[Problem]] | Iterable[Conversat
 
             template = get_template(template, tokenizer)
     limits = ImageLimits(max_pixels, max_side, max_aspect_ratio)
-    image_problems = _check_images(convs, limits, full_image_check, workers, progress) if check_images else {}
+    state = state or ValidationState()
+    image_problems = (_check_images(convs, limits, full_image_check, workers, progress, state.images)
+                      if check_images else {})
     if check_images:
-        for pos, found in _check_videos(convs, limits, video_limits or VideoLimits(), full_image_check).items():
+        for pos, found in _check_videos(convs, limits, video_limits or VideoLimits(), full_image_check,
+                                        state.videos).items():
             image_problems.setdefault(pos, []).extend(found)
-    first_with_id: dict[tuple, int] = {}
     for pos, conv in enumerate(convs):
         found = _structure(conv) + image_problems.get(pos, []) + special_text_warnings(conv, tokenizer)
         # ids are compared within one source of a mixture; a repeat:K copy is meant to share its id
         key = (conv.meta.get("mixture_source"), conv.id)
         if conv.id is not None and not conv.meta.get("repeat"):
-            if key in first_with_id:
-                found.append(("warning", f"duplicate id: sample #{first_with_id[key]} has the same id",
+            first = state.ids.get(key)
+            if first is not None:
+                found.append(("warning", f"duplicate id: sample #{first} has the same id",
                               "give every sample its own id, so reports and logs name one sample"))
             else:
-                first_with_id[key] = conv.index
+                state.ids.add(key, conv.index)
         # Tokenize only what is well-formed: a broken sample already has its reason.
         if encode is not None and not any(sev == "error" for sev, _, _ in found):
             found += _tokens(conv, encode, template, tokenizer, image_token_id, image_tokens, max_length,
