@@ -5,6 +5,7 @@ be read as a `RowError` in its place; turning a row into a conversation is `llav
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +37,7 @@ def is_hf_object(source: Any) -> bool:
 def container_kind(source: Any, format: str) -> str:
     if isinstance(source, (list, tuple)):
         return "list"
-    if is_hf_object(source):
+    if not isinstance(source, (str, os.PathLike)) and is_hf_object(source):  # (a path: no `datasets` import, ~80 MB)
         return "hf"
     path = Path(source)
     if not path.exists():

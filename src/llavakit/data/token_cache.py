@@ -3,6 +3,8 @@
 A training run reads every row, checks every image and tokenizes every conversation before its
 first step. `prepare` does that once and writes the result — the `TokenStore` arrays, the problems
 found and the report — to one file; the next run with the same inputs memory-maps it instead.
+The first run builds it streaming (`llavakit.data.startup_build`): JSON/JSONL rows are read, checked and
+tokenized a chunk at a time into compact arrays, so its memory does not grow with a Python object per row.
 
 **The key** is a hash of everything that changes the result: each data file's content (and a mixture YAML's),
 ``data.train`` / ``image_folder`` / ``format`` / ``seed``, the tokenizer (its full serialized form:
@@ -27,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .conversation import Conversation, Problem
+from .conversation import Problem
 from .token_store import Strings, TokenStore
 
 log = logging.getLogger(__name__)
@@ -209,21 +210,6 @@ def image_stats(paths: Sequence[str]) -> np.ndarray:
     return out
 
 
-def image_paths(convs: Sequence[Conversation]) -> list[str] | None:
-    """Every distinct image and video path of `convs` (a video's frame files too), sorted; None if some image or
-    frame is not a path (not cacheable)."""
-    paths = set()
-    for c in convs:
-        refs = list(c.images)
-        for v in c.videos:
-            refs += list(v) if isinstance(v, (list, tuple)) else [v]
-        for ref in refs:
-            if not isinstance(ref, str):
-                return None
-            paths.add(ref)
-    return sorted(paths)
-
-
 def _problem(d: dict) -> Problem:
     return Problem(d["index"], d["id"], d["severity"], d["reason"], d["hint"], d["source"])
 
@@ -309,17 +295,15 @@ def prepare(train: Any, processor, template, *, image_folder: str | None = None,
     mixture) — or load all of that from the start-up cache in ``cache_dir`` (None: no cache). Problems
     are returned, never raised: what to refuse is the caller's policy. ``workers``: see `SupervisedDataset`;
     ``limits`` / ``video_limits``: `ImageLimits` / `VideoLimits` (None = the defaults)."""
-    from .dataset import SupervisedDataset
     from .images import ImageLimits
-    from .mixture import is_mixture_file, load_mixture, read_sources
-    from .validate import validate
-
+    from .mixture import is_mixture_file, read_sources
+    from .startup_build import build_streaming, build_whole
     from .video import VideoLimits
 
     limits, video_limits = limits or ImageLimits(), video_limits or VideoLimits()
     cache, note = None, "start-up cache: off"
+    files = source_files(read_sources(train, image_folder, format), [train] if is_mixture_file(train) else [])
     if cache_dir is not None:
-        files = source_files(read_sources(train, image_folder, format), [train] if is_mixture_file(train) else [])
         if isinstance(files, str):
             note = f"start-up cache: off ({files})"
             say(note)
@@ -335,27 +319,19 @@ def prepare(train: Any, processor, template, *, image_folder: str | None = None,
             hit = cache.load(processor, template, limits, say, video_limits)
             if hit is not None:
                 return hit
-    clock = [time.perf_counter()]
-    mixture = load_mixture(train, image_folder, format, seed=seed)
-    convs = mixture.conversations
-    clock.append(time.perf_counter())
-    problems = validate((convs, mixture.problems), check_images=check_images, **limits.as_kwargs(),
-                        video_limits=video_limits)
-    bad = {p.index for p in problems if p.severity == "error"}
-    clock.append(time.perf_counter())
-    dataset = SupervisedDataset([c for c in convs if c.index not in bad], processor, template, max_length=max_length,
-                                overflow=overflow, image_limits=limits, workers=workers, video_limits=video_limits)
-    clock.append(time.perf_counter())
-    phases = zip(("read", "checks", "tokenization"), clock, clock[1:])
-    took = ", ".join(f"{what} {b - a:.1f} s" for what, a, b in phases)
-    paths = image_paths(convs)
-    prepared = Prepared(dataset, problems, mixture.table(problems) if mixture.is_mixture else None, paths or [],
-                        f"{note} ({took})")
+    # JSON/JSONL files stream (bounded memory, `startup_build`); other sources are read whole
+    build = build_whole if isinstance(files, str) else build_streaming
+    built = build(train, processor, template, image_folder=image_folder, format=format, seed=seed,
+                  max_length=max_length, overflow=overflow, limits=limits, check_images=check_images, workers=workers,
+                  video_limits=video_limits)
+    dataset, paths, took = built.dataset, built.paths, built.took
+    prepared = Prepared(dataset, built.problems, built.mixture_table, paths or [], f"{note} ({took})")
+    del built
     if cache is not None:
         if paths is None or not dataset.store.cacheable:
             prepared.cache_note = "start-up cache: off (some images are not file paths)"
         elif cache.save(prepared, say):
-            del convs, mixture, dataset  # the arrays now live in the file: map them and drop the copies
+            del dataset  # the arrays now live in the file: map them and drop the copies
             prepared = cache.reopen(prepared, processor, template, limits, video_limits)
             prepared.cache_note = f"start-up cache: wrote {cache.path} ({took})"
         say(prepared.cache_note)
