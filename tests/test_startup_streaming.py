@@ -246,3 +246,41 @@ def test_python_allocations_grow_far_less_per_row_than_reading_everything(data, 
     streaming = [peak(lambda: _prepare(data, f"many-{n}.jsonl", processor)) for n in (600, 1800)]
     whole = [peak(lambda: _whole(data, f"many-{n}.jsonl", processor)) for n in (600, 1800)]
     assert streaming[1] - streaming[0] < 0.4 * (whole[1] - whole[0]), (streaming, whole)
+
+
+def test_a_chunk_of_mostly_bad_rows_still_goes_to_the_worker_processes(data, processor, chunked, monkeypatch):
+    """Parallel or not is decided for the build (rows read), not by a chunk's valid samples; a chunk is
+    `STREAM_ROWS` x workers rows, split so that every worker gets several tasks. The pools are observed."""
+    import multiprocessing
+
+    rows = [_row(i) | {"id": f"r{i}"} for i in range(60)]
+    for i in range(2, 40):
+        rows[i]["conversations"] = []  # invalid: the first chunk (40 rows) holds 2 valid samples
+    (data / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setattr(dataset_module, "PARALLEL_FROM", 30)  # the build's 60 rows: parallel, as at scale
+    chunked(20)
+    reference = _snapshot(_prepare(data, "bad.jsonl", processor, workers=1))
+    pools, tasks = [], []
+    real = multiprocessing.get_context
+
+    class Spy:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def Pool(self, n):
+            pools.append(n)
+            pool = self.ctx.Pool(n)
+            imap = pool.imap
+
+            def counted(fn, ranges):
+                tasks.append(len(ranges))
+                return imap(fn, ranges)
+            pool.imap = counted
+            return pool
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: Spy(real(method)))
+    assert startup_build.chunk_rows(2) == 40
+    got = _prepare(data, "bad.jsonl", processor, workers=2)
+    assert _snapshot(got) == reference and len(got.dataset) == 22
+    assert pools == [2, 2], pools  # both chunks, the one with 38 bad rows of 40 included
+    assert tasks == [2, 7], tasks  # 2 valid samples: a task each; 20: tasks of 3, about 4 per worker

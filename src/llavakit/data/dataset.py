@@ -176,15 +176,21 @@ def default_workers() -> int:
 
 def encode_all(conversations: Sequence[Conversation], processor, template: Template, max_length: int | None,
                overflow: str, limits: ImageLimits, workers: int = 1,
-               video_limits: VideoLimits | None = None) -> Iterator[tuple]:
+               video_limits: VideoLimits | None = None, parallel: bool | None = None,
+               task: int | None = None) -> Iterator[tuple]:
     """Encode every conversation, in order: yields `_encode_range`'s tuples. ``workers`` > 1 forks that many
-    processes (each encodes chunks of CHUNK samples) when there are at least PARALLEL_FROM samples."""
+    processes (each encodes tasks of ``task`` samples, default CHUNK) when ``parallel`` is true — by default when
+    there are at least PARALLEL_FROM samples; a caller encoding a large build chunk by chunk decides it for the
+    build. The result is the same either way."""
     global _JOB
     n = len(conversations)
-    ranges = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)]
+    step = max(1, task or CHUNK)
+    ranges = [(a, min(n, a + step)) for a in range(0, n, step)]
+    if parallel is None:
+        parallel = n >= PARALLEL_FROM
     _JOB = (conversations, processor, template, max_length, overflow, limits, video_limits)
     try:
-        if workers <= 1 or n < PARALLEL_FROM:
+        if workers <= 1 or not parallel or len(ranges) < 2:
             for r in ranges:
                 yield from _encode_range(r)
             return
@@ -199,12 +205,14 @@ def encode_all(conversations: Sequence[Conversation], processor, template: Templ
 
 def encode_into(builder: StoreBuilder, report: DatasetReport, conversations: Sequence[Conversation], processor,
                 template: Template, max_length: int | None, overflow: str, limits: ImageLimits, workers: int = 1,
-                video_limits: VideoLimits | None = None, strict: bool = False) -> None:
-    """Encode `conversations` (`encode_all`) and add them to `builder` and `report` (``total``, dropped, skipped,
-    truncated). Called once per chunk, it builds the same store and report as once over all of them."""
+                video_limits: VideoLimits | None = None, strict: bool = False, parallel: bool | None = None,
+                task: int | None = None) -> None:
+    """Encode `conversations` (`encode_all`; ``parallel`` and ``task`` as there) and add them to `builder` and
+    `report` (``total``, dropped, skipped, truncated). Called once per chunk, it builds the same store and report as
+    once over all of them."""
     report.total += len(conversations)
     for pos, done, problem, overlong in encode_all(conversations, processor, template, max_length, overflow, limits,
-                                                   workers, video_limits):
+                                                   workers, video_limits, parallel, task):
         if problem is not None:
             if strict:
                 raise (OverlongError if overlong else SampleError)(problem)

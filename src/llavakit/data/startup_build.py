@@ -1,10 +1,12 @@
 """The cold build of the start-up data: read, validate and tokenize the training data — streaming for
 JSON/JSONL sources.
 
-`build_streaming` reads the rows `STREAM_ROWS` at a time, validates each chunk (`validate` with one
-`ValidationState`, so duplicate ids and image verdicts carry across chunks), tokenizes the chunk's valid
-samples (`encode_into`: over ``workers`` forked processes once the chunk is large enough) into one
-`StoreBuilder`, and drops the chunk's conversations before reading the next. Its memory is the compact
+`build_streaming` reads the rows `STREAM_ROWS` × ``workers`` at a time (`chunk_rows`), validates each chunk
+(`validate` with one `ValidationState`, so duplicate ids and image verdicts carry across chunks), tokenizes the
+chunk's valid samples (`encode_into`) into one `StoreBuilder`, and drops the chunk's conversations before reading
+the next. Whether a chunk is tokenized over ``workers`` forked processes is decided for the build (the rows read so
+far reach `dataset.PARALLEL_FROM`), not by the chunk's valid samples, so a chunk full of bad rows still goes to the
+workers; its tasks are sized so that each worker gets about `TASKS_PER_WORKER` of them. Its memory is the compact
 arrays being built, one chunk of Python objects, and per distinct image / per id state (a path set, image
 verdicts, `SeenIds`: 16 bytes an id) — not a Python object per row. The result is exactly what
 `build_whole` (everything read into one list, then validated, then tokenized) gives: the same store
@@ -19,6 +21,7 @@ in-memory rows) use `build_whole`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -28,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .conversation import Conversation, Problem
+from . import dataset as dataset_module
 from .dataset import DatasetReport, SupervisedDataset, encode_into
 from .formats import iter_conversations
 from .jsonrows import json_rows
@@ -38,7 +42,20 @@ from .validate import ValidationState, validate
 
 log = logging.getLogger(__name__)
 
-STREAM_ROWS = 8192  # rows read, validated and tokenized at a time (>= dataset.PARALLEL_FROM: encoded in parallel)
+STREAM_ROWS = 8192  # rows read, validated and tokenized at a time per worker process (`chunk_rows`)
+TASKS_PER_WORKER = 4  # a chunk's samples are split into about this many tasks per worker process
+
+
+def chunk_rows(workers: int) -> int:
+    """Rows of a streamed chunk: `STREAM_ROWS` per worker process (1 to 8), so each gets several tasks a chunk and
+    a pool is forked per `STREAM_ROWS` × ``workers`` rows, not per `STREAM_ROWS`."""
+    return STREAM_ROWS * max(1, min(8, int(workers)))
+
+
+def task_size(samples: int, workers: int) -> int:
+    """Samples per worker task for a chunk of `samples`: about `TASKS_PER_WORKER` tasks per worker, at most
+    `dataset.CHUNK`."""
+    return max(1, min(dataset_module.CHUNK, -(-samples // (TASKS_PER_WORKER * max(1, workers)))))
 
 Row = tuple[Conversation | None, list[Problem]]  # a row's conversation (None if unreadable) and its problems
 
@@ -163,8 +180,8 @@ class MixtureStream:
         self.reports.append(SourceReport(s.name, s.sampling, n, taken, start, start + taken, note))
 
 
-def chunks(rows: Iterator[Row], size: int) -> Iterator[tuple[list[Conversation], list[Problem]]]:
-    """(conversations, problems) of `size` rows at a time."""
+def chunks(rows: Iterator[Row], size: int) -> Iterator[tuple[list[Conversation], list[Problem], int]]:
+    """(conversations, problems, rows) of `size` rows at a time (fewer in the last)."""
     convs: list[Conversation] = []
     found: list[Problem] = []
     count = 0
@@ -174,10 +191,10 @@ def chunks(rows: Iterator[Row], size: int) -> Iterator[tuple[list[Conversation],
         found += problems
         count += 1
         if count >= size:
-            yield convs, found
+            yield convs, found, count
             convs, found, count = [], [], 0
     if count:
-        yield convs, found
+        yield convs, found, count
 
 
 # --- the builds ------------------------------------------------------------------------------------
@@ -196,38 +213,44 @@ def _took(spent: dict) -> str:
 
 def build_streaming(train: Any, processor, template, *, image_folder, format, seed, max_length, overflow, limits,
                     check_images, workers, video_limits) -> Built:
-    """The JSON/JSONL data read, validated and tokenized `STREAM_ROWS` rows at a time (see the module docstring)."""
+    """The JSON/JSONL data read, validated and tokenized `chunk_rows` rows at a time (see the module docstring)."""
     stream = MixtureStream(train, image_folder, format, seed)
     state, report = ValidationState(), DatasetReport()
     builder = StoreBuilder(with_sizes=processor.counts_depend_on_size)
     problems: list[Problem] = []
     paths: set[str] | None = set()
     spent = {"read": 0.0, "checks": 0.0, "tokenization": 0.0}
-    parts = chunks(stream.rows(), STREAM_ROWS)
-    while True:
-        t = time.perf_counter()
-        chunk = next(parts, None)
-        spent["read"] += time.perf_counter() - t
-        if chunk is None:
-            break
-        t = time.perf_counter()
-        found = validate(chunk, check_images=check_images, **limits.as_kwargs(), video_limits=video_limits,
-                         state=state)
-        problems += found
-        bad = {p.index for p in found if p.severity == "error"}
-        convs = chunk[0]
-        if paths is not None:
-            mine = image_paths(convs)
-            if mine is None:
-                paths = None
-            else:
-                paths.update(mine)
-        spent["checks"] += time.perf_counter() - t
-        t = time.perf_counter()
-        encode_into(builder, report, [c for c in convs if c.index not in bad], processor, template, max_length,
-                    overflow, limits, workers, video_limits)
-        spent["tokenization"] += time.perf_counter() - t
-        del chunk, convs, found  # the chunk's Python objects go before the next chunk is read
+    rows_read = 0
+    # closed on the way out, an exception included: the reader's file does not stay open
+    with contextlib.closing(stream.rows()) as rows, contextlib.closing(chunks(rows, chunk_rows(workers))) as parts:
+        while True:
+            t = time.perf_counter()
+            chunk = next(parts, None)
+            spent["read"] += time.perf_counter() - t
+            if chunk is None:
+                break
+            convs, read, count = chunk
+            rows_read += count
+            t = time.perf_counter()
+            found = validate((convs, read), check_images=check_images, **limits.as_kwargs(),
+                             video_limits=video_limits, state=state)
+            problems += found
+            bad = {p.index for p in found if p.severity == "error"}
+            if paths is not None:
+                mine = image_paths(convs)
+                if mine is None:
+                    paths = None
+                else:
+                    paths.update(mine)
+            spent["checks"] += time.perf_counter() - t
+            t = time.perf_counter()
+            good = [c for c in convs if c.index not in bad]
+            # parallel as the build is large (its rows so far), not as this chunk's valid samples are many
+            encode_into(builder, report, good, processor, template, max_length, overflow, limits, workers,
+                        video_limits, parallel=rows_read >= dataset_module.PARALLEL_FROM,
+                        task=task_size(len(good), workers))
+            spent["tokenization"] += time.perf_counter() - t
+            del chunk, convs, read, found, good  # the chunk's Python objects go before the next chunk is read
     dataset = SupervisedDataset.from_store(builder.finish(), report, processor, template, image_limits=limits,
                                            video_limits=video_limits)
     if report.dropped or report.skipped or report.truncated:
