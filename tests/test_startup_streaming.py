@@ -284,3 +284,32 @@ def test_a_chunk_of_mostly_bad_rows_still_goes_to_the_worker_processes(data, pro
     assert _snapshot(got) == reference and len(got.dataset) == 22
     assert pools == [2, 2], pools  # both chunks, the one with 38 bad rows of 40 included
     assert tasks == [2, 7], tasks  # 2 valid samples: a task each; 20: tasks of 3, about 4 per worker
+
+
+def test_a_mixture_store_keeps_a_name_per_source_and_a_row_column(data, processor, chunked, tmp_path, monkeypatch):
+    """A mixture's "<file> row N" sources: the store keeps each file's name once and N in an int64 column; the
+    strings read back (built or from the cache) are those the mixture gave."""
+    from llavakit.data.mixture import load_mixture
+
+    mixture = load_mixture(str(data / "mix.yaml"), str(data / "images"), "auto", seed=0)
+    given = {c.index: c.source for c in mixture.conversations}
+    assert len(set(given.values())) > 20
+    chunked(5)
+    for run in (0, 1):  # built, then read from the cache
+        ds = _prepare(data, "mix.yaml", processor, tmp_path / "cache").dataset
+        got = [ds.conversation(i) for i in range(len(ds))]
+        assert len(got) > 20 and all(c.source == given[c.index] for c in got)
+        assert len(token_store.Strings.of(ds.store.arrays, "source_names")) == 2  # the 2 files' names
+        assert ds.store.arrays["source_row"].dtype == "int64"
+    held = []
+    finish = token_store.StoreBuilder.finish
+
+    def spy(self):
+        held.append(len(self._source_names))
+        return finish(self)
+    monkeypatch.setattr(token_store.StoreBuilder, "finish", spy)
+    _prepare(data, "mix.yaml", processor)
+    assert held == [2], held  # a name per source file (train.jsonl and more.json), not one per row
+    plain = _prepare(data, "train.jsonl", processor).dataset  # not a mixture: the reader's source, no row
+    assert len({plain.conversation(i).source for i in range(len(plain))}) == 1
+    assert (plain.store.arrays["source_row"] == -1).all()

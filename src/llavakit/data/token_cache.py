@@ -41,8 +41,9 @@ from .token_store import Strings, TokenStore
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when what the cache holds, or how the data is tokenized, changes (2: anyres_max
-# recounts an image left alone by truncation, `dataset.encode_sample`; 3: video columns and counts)
+CACHE_VERSION = 4  # bump when what the cache holds, or how the data is tokenized, changes (2: anyres_max
+# recounts an image left alone by truncation, `dataset.encode_sample`; 3: video columns and counts; 4: a source is
+# a name index + a row column, not one name per mixture row)
 ENV_DIR = "LLAVAKIT_DATA_CACHE"  # default cache folder for every run (data.cache_dir wins)
 MAGIC = b"LLKTOK01"
 ALIGN = 64

@@ -4,8 +4,9 @@ One ``int32`` array holds the token ids of every sample back to back (``offsets`
 stored: a sample's supervised positions are a few ``[start, end)`` spans (``spans`` [S, 2], cut by ``span_offsets``
 [N+1]), and a label is its token id there and ``IGNORE_INDEX`` elsewhere. Image and video references are indices
 into one table of distinct paths (a video given as frames is one entry: its frame paths joined by NUL after a
-leading NUL, `video_entry`), with each video's sampled frame count beside it; sample ids and sources are packed
-UTF-8 (`Strings`). Every column is a plain array, so the start-up cache (`llavakit.data.token_cache`) writes them
+leading NUL, `video_entry`), with each video's sampled frame count beside it; sample ids are packed UTF-8
+(`Strings`); a sample's source is an index into a table of distinct source names plus a row number (a mixture's
+``"<file> row N"``, `source_of`), so the store holds no string per sample for it. Every column is a plain array, so the start-up cache (`llavakit.data.token_cache`) writes them
 to one file and memory-maps them back: a re-run holds almost nothing resident until a sample is read.
 """
 
@@ -35,6 +36,22 @@ def video_of(entry: Any) -> Any:
     if isinstance(entry, str) and entry.startswith(FRAMES):
         return entry[1:].split(FRAMES)
     return entry
+
+
+def source_parts(conv: Conversation) -> tuple[str, int]:
+    """(name, row) of a conversation's source: a mixture's ``"<label> row N"`` (``meta["row"]`` N) as its label
+    and N, anything else as itself and -1. `source_of` puts it back together exactly."""
+    row = conv.meta.get("row") if conv.meta else None
+    if isinstance(row, int) and row >= 0:
+        tail = f" row {row}"
+        if conv.source.endswith(tail):
+            return conv.source[:-len(tail)], row
+    return conv.source, -1
+
+
+def source_of(name: str | None, row: int) -> str:
+    """The source string of (name, row) (`source_parts`)."""
+    return (name or "") + (f" row {row}" if row >= 0 else "")
 
 
 class Strings:
@@ -116,7 +133,7 @@ class StoreBuilder:
         self._columns = {name: Column(dtype, tail) for name, dtype, tail in (
             ("ids", i32, ()), ("lengths", i64, ()), ("spans", i32, (2,)), ("n_spans", i64, ()), ("n_images", i32, ()),
             ("images", i32, ()), ("n_videos", i32, ()), ("videos", i32, ()), ("video_frames", i32, ()),
-            ("index", i64, ()), ("source", i32, ()), ("id.blob", np.uint8, ()), ("id.lengths", i64, ()),
+            ("index", i64, ()), ("source", i32, ()), ("source_row", i64, ()), ("id.blob", np.uint8, ()), ("id.lengths", i64, ()),
             ("id.present", bool, ()), ("sizes", i64, (2,)))}
         self._start()
 
@@ -131,7 +148,8 @@ class StoreBuilder:
         self.video_frames: list[int] = []  # each video's sampled frame count (its placeholders follow from it)
         self.index: list[int] = []
         self.sample_ids: list[str | None] = []
-        self.sources: list[int] = []
+        self.sources: list[int] = []  # positions in the distinct source names
+        self.source_rows: list[int] = []  # a mixture's row number, -1 for none
 
     def __len__(self) -> int:
         return self._columns["n_images"].size + len(self.n_images)
@@ -157,7 +175,9 @@ class StoreBuilder:
         self.video_frames += [int(f) for f in list(frames)[:n_videos]]
         self.index.append(conv.index)
         self.sample_ids.append(conv.id)
-        self.sources.append(self._source_names.setdefault(conv.source, len(self._source_names)))
+        name, row = source_parts(conv)  # a mixture's "<file> row N": the file's name once, N in a column
+        self.sources.append(self._source_names.setdefault(name, len(self._source_names)))
+        self.source_rows.append(row)
         if len(self.n_images) >= self.SEAL_EVERY:
             self.seal()
 
@@ -173,6 +193,7 @@ class StoreBuilder:
             "n_spans": [len(p) for p in self.spans],
             "n_images": self.n_images, "images": self.images, "n_videos": self.n_videos, "videos": self.videos,
             "video_frames": self.video_frames, "index": self.index, "source": self.sources,
+            "source_row": self.source_rows,
             "id.blob": np.frombuffer(b"".join(encoded), dtype=np.uint8),
             "id.lengths": [len(b) for b in encoded],
             "id.present": [v is not None for v in self.sample_ids],
@@ -197,6 +218,7 @@ class StoreBuilder:
             "n_images": done["n_images"], "image_offsets": cuts(done["n_images"]), "images": done["images"],
             "n_videos": done["n_videos"], "video_offsets": cuts(done["n_videos"]), "videos": done["videos"],
             "video_frames": done["video_frames"], "index": done["index"], "source": done["source"],
+            "source_row": done["source_row"],
         }
         if self.with_sizes:
             arrays["sizes"] = done["sizes"]
@@ -225,6 +247,7 @@ class TokenStore:
         self.cacheable = table is None
         self._sample_ids = Strings.of(arrays, "id")
         self._source_names = Strings.of(arrays, "source_names")
+        self._source_rows = arrays.get("source_row")  # absent in a store built before it: names are whole
         self.n_images = arrays["n_images"]
         n = len(self.n_images)  # a store without video columns (built before videos) has none
         self.n_videos = arrays.get("n_videos", np.zeros(n, np.int32))
@@ -275,4 +298,6 @@ class TokenStore:
     def sample(self, i: int) -> Conversation:
         """Sample i's identity and images as a `Conversation` without turns (the text is not kept)."""
         return Conversation([], self.images(i), id=self._sample_ids[i], index=int(self.arrays["index"][i]),
-                            source=self._source_names[int(self.arrays["source"][i])] or "", videos=self.videos(i))
+                            source=source_of(self._source_names[int(self.arrays["source"][i])],
+                                             -1 if self._source_rows is None else int(self._source_rows[i])),
+                            videos=self.videos(i))
