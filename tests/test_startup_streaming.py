@@ -313,3 +313,32 @@ def test_a_mixture_store_keeps_a_name_per_source_and_a_row_column(data, processo
     plain = _prepare(data, "train.jsonl", processor).dataset  # not a mixture: the reader's source, no row
     assert len({plain.conversation(i).source for i in range(len(plain))}) == 1
     assert (plain.store.arrays["source_row"] == -1).all()
+
+
+def test_an_error_mid_build_closes_the_reader(data, processor, chunked, monkeypatch):
+    """An exception between chunks closes the row generators at once (the reader's file is not left open)."""
+    closed = []
+    rows = startup_build.MixtureStream.rows
+
+    def watched(self):
+        try:
+            yield from rows(self)
+        finally:
+            closed.append(True)
+
+    def failing(*a, **k):
+        raise RuntimeError("checks failed")
+
+    monkeypatch.setattr(startup_build.MixtureStream, "rows", watched)
+    monkeypatch.setattr(startup_build, "validate", failing)
+    chunked(3)
+    try:
+        startup_build.build_streaming(
+            str(data / "train.jsonl"), processor, get_template("vicuna_v1", processor.tokenizer),
+            image_folder=str(data / "images"), format="auto", seed=0, max_length=MAX_LENGTH, overflow="truncate",
+            limits=ImageLimits(), check_images=True, workers=1, video_limits=VideoLimits())
+    except RuntimeError as e:  # its traceback holds the build's frame: only closing closes the generators
+        assert str(e) == "checks failed" and e.__traceback__ is not None
+        assert closed == [True]
+    else:
+        pytest.fail("no error")
