@@ -215,3 +215,25 @@ def test_return_freed_memory_maps_large_blocks_so_freeing_them_returns_them(tmp_
     mapped = {m: float(subprocess.run([sys.executable, str(script), m], capture_output=True, text=True,
                                       check=True).stdout) for m in ("off", "on")}
     assert mapped["on"] >= 30 and mapped["off"] < 1, mapped
+
+
+def test_in_backward_takes_an_unset_max_grad_norm_as_off():
+    cfg = load_config(base={"model": {"vision": "x", "llm": "y"}, "data": {"train": "t.json"},
+                            "train": {"optimizer_in_backward": True, "max_grad_norm": None}})
+    assert cfg.train.optimizer_in_backward and cfg.train.max_grad_norm is None
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "MULTI_CPU"])
+def test_in_backward_refuses_deepspeed_fsdp_and_ddp_even_in_one_process(kind):
+    """DeepSpeed and FSDP own the optimizer step (their flat parameters' hooks would never fire, or fire before
+    the reduce-scatter); DDP averages gradients after backward."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    fake = SimpleNamespace(num_processes=1, distributed_type=getattr(DistributedType, kind))
+    cfg = load_config(base={"model": {"vision": "x", "llm": "y"}, "data": {"train": "t.json"},
+                            "train": {"optimizer_in_backward": True, "max_grad_norm": 0}})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))])
+    with pytest.raises(ConfigError, match="one plain process"):
+        attach_in_backward(fake, opt, cfg.train)

@@ -277,7 +277,7 @@ def in_backward_checks(t: TrainConfig) -> list[tuple[bool, str]]:
     return [
         (not t.max_grad_norm or t.max_grad_norm <= 0,
          why + f"the global gradient norm is only known afterwards and cannot clip: set train.max_grad_norm: 0 "
-         f"(now {t.max_grad_norm:g}) or turn optimizer_in_backward off"),
+         f"(now {t.max_grad_norm!r}) or turn optimizer_in_backward off"),
         (t.grad_accum == 1, why + f"micro-batches cannot accumulate (train.grad_accum={t.grad_accum}): set "
          "grad_accum: 1 and raise batch_size, or turn optimizer_in_backward off"),
         (t.on_nonfinite == "stop", why + "a non-finite step cannot be skipped: set train.on_nonfinite: stop"),

@@ -204,7 +204,7 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
     per_epoch_micro = math.ceil(len(dataset) / (t.batch_size * world))
     steps_per_epoch = math.ceil(per_epoch_micro / t.grad_accum)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
-    optimizer = make_optimizer(groups, t.weight_decay, t.optimizer)
+    optimizer = make_optimizer(groups, t.weight_decay, t.optimizer, device=accelerator.device.type)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(round(t.warmup_ratio * total_steps)),
                               num_training_steps=total_steps)
@@ -261,8 +261,10 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
                     now = time.perf_counter()
                     tps = tokens_since / max(now - t_last, 1e-9)
                     t_last, tokens_since = now, 0
-                    accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps},
-                                    step=state["step"])
+                    logged = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps}
+                    if res.grad_norm is not None:  # the norm before clipping (or of the in-backward updates)
+                        logged["train/grad_norm"] = res.grad_norm
+                    accelerator.log(logged, step=state["step"])
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 bar.update(1)
                 if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total_steps:

@@ -34,18 +34,19 @@ def param_groups(groups, weight_decay: float) -> list[dict]:
     return out
 
 
-def fused_supported(params) -> bool:
+def fused_supported(params, device: str | None = None) -> bool:
     """torch's fused AdamW (one kernel for all weights' updates; transformers' Trainer default since torch 2.8)
-    takes floating-point weights on a device it has the kernel for."""
+    takes floating-point weights on a device it has the kernel for (`device`, else where the weights are)."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     devices = set(_get_fused_kernels_supported_devices())
-    return all(p.is_floating_point() and p.device.type in devices for p in params)
+    return all(p.is_floating_point() and (device or p.device.type) in devices for p in params)
 
 
-def make_optimizer(groups, weight_decay: float, kind: str = "adamw"):
+def make_optimizer(groups, weight_decay: float, kind: str = "adamw", device: str | None = None):
     """AdamW over llavakit's parameter groups. ``kind`` is `train.optimizer`: "adamw" (torch; fused where
-    supported, else its default implementation) or "adamw_8bit" (bitsandbytes)."""
+    supported, else its default implementation) or "adamw_8bit" (bitsandbytes). ``device``: the type of the
+    device the weights will train on (``accelerator.device.type``; they may still be on the CPU here)."""
     pg = param_groups(groups, weight_decay)
     if kind == "adamw_8bit":
         try:
@@ -57,7 +58,8 @@ def make_optimizer(groups, weight_decay: float, kind: str = "adamw"):
     if kind != "adamw":
         raise ConfigError(f"train.optimizer={kind!r} is not one of {list(OPTIMIZERS)}")
     params = [p for g in pg for p in g["params"]]
-    return torch.optim.AdamW(pg, betas=BETAS, eps=EPS, fused=True if params and fused_supported(params) else None)
+    return torch.optim.AdamW(pg, betas=BETAS, eps=EPS,
+                             fused=True if params and fused_supported(params, device) else None)
 
 
 class InBackward:
@@ -66,7 +68,9 @@ class InBackward:
     so in the hook it updates exactly the weight whose gradient is there (every gradient is None when a
     backward starts: the trainer zeroes them with set_to_none). The learning rate is the group's, as the
     schedule left it after the previous step, as in a normal step. Tracks the squared gradient norm on the
-    gradients' device (no host sync per weight) for the trainer's log and its non-finite check."""
+    gradients' device (no host sync per weight) for the trainer's log (train/grad_norm) and its non-finite
+    check. Each hook's `step` walks the optimizer's parameter list (skipping those without a gradient): cheap
+    next to the update for the few hundred weight tensors of an LLM."""
 
     def __init__(self, optimizer, params):
         self.optimizer = optimizer
@@ -95,11 +99,14 @@ def attach_in_backward(accelerator, optimizer, t) -> InBackward | None:
     `accelerator.prepare`, on the weights it will train); otherwise nothing."""
     if not t.optimizer_in_backward:
         return None
-    if accelerator.num_processes > 1:
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
         raise ConfigError(
             f"train.optimizer_in_backward updates each weight inside the backward pass, before gradients could "
-            f"be averaged over processes; this run has {accelerator.num_processes}. Run it in one process, or "
-            "set train.optimizer_in_backward: false (and use gradient checkpointing or adamw_8bit for memory)")
+            f"be averaged over processes or sharded; this run has {accelerator.num_processes} process(es) under "
+            f"{accelerator.distributed_type.value} (DeepSpeed and FSDP own the optimizer step). Run it in one plain "
+            "process, or set train.optimizer_in_backward: false (and use gradient checkpointing or adamw_8bit)")
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
     hooked = InBackward(inner, [p for g in inner.param_groups for p in g["params"]])
     inner.llavakit_in_backward = hooked

@@ -115,7 +115,7 @@ def _read_pid(fd: int) -> int | None:
 # Keys that only change bookkeeping, never what is trained: they may differ on --resume (and are reported).
 RESUME_FREE = ("train.output_dir", "train.log_every", "train.report_to", "train.save_every", "train.keep_last",
                "train.on_nonfinite", "train.max_nonfinite_skips", "train.resume_allow", "data.num_workers",
-               "data.check_images")
+               "data.check_images", "train.return_freed_memory")
 DATA_KEY = "data.content"  # resume_allow entry for other data (same or other path): sample count + token lengths
 RNG_ALLOW = "rng_state"  # resume_allow entry that accepts an unreadable RNG state (a non-exact resume)
 

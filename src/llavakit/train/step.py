@@ -50,9 +50,12 @@ def on_nonfinite(state: dict, res: StepResult, t, run_dir: Path, say) -> None:
     why = ("train.on_nonfinite=stop" if t.on_nonfinite == "stop"
            else f"all train.max_nonfinite_skips={t.max_nonfinite_skips} skips are used up")
     raise NonFiniteError(
-        f"{found}: stopped ({why}); nothing was saved from this step on and {last_good(run_dir)}. Lower "
-        f"train.lr (now {t.lr:g}) or train.max_grad_norm, check the data, or set train.on_nonfinite=skip to "
-        "drop such steps")
+        f"{found}: stopped ({why}); nothing was saved from this step on and {last_good(run_dir)}. " + (
+            f"Lower train.lr (now {t.lr:g}) or check the data (with train.optimizer_in_backward the step had "
+            "already updated the weights it reached, and it cannot clip or skip: turn it off to use "
+            "train.max_grad_norm and train.on_nonfinite=skip)" if getattr(t, "optimizer_in_backward", False) else
+            f"Lower train.lr (now {t.lr:g}) or train.max_grad_norm, check the data, or set "
+            "train.on_nonfinite=skip to drop such steps"))
 
 
 def check_finite_weights(accelerator, model, step: int, run_dir: Path, t) -> None:
