@@ -284,7 +284,9 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 def append_loss(path: Path, step: int, loss: float, lr: float, nonfinite: bool = False) -> None:
     row = {"step": step, "loss": loss, "lr": lr}
-    if nonfinite:  # the loss or the gradients were NaN/inf: the weights were not updated at this step
+    # the loss or the gradients were NaN/inf: the step was skipped or the run stops (under optimizer_in_backward
+    # the weights were already updated during backward, so such a run stops)
+    if nonfinite:
         row["nonfinite"] = True
     try:
         with open(path, "a") as f:
