@@ -3,12 +3,15 @@ once, and the ids are always those the tokenizer itself gives, also after tokens
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-import llavakit.data.tokenize as tokenize
+import llavakit.data.text_ids as text_ids_module
 from llavakit.data.conversation import Conversation, Turn
 from llavakit.data.templates import get_template
-from llavakit.data.tokenize import encode, text_ids
+from llavakit.data.text_ids import text_ids
+from llavakit.data.tokenize import encode
 from llavakit.demo.tiny import make_tokenizer
 
 TEXTS = ["Describe the image briefly.", " the image", "Describe the image briefly.", "", "a\nb  c",
@@ -46,7 +49,7 @@ def test_adding_a_token_empties_the_memo():
 
 
 def test_the_memo_stays_bounded(monkeypatch):
-    monkeypatch.setattr(tokenize, "MEMO_TEXTS", 4)
+    monkeypatch.setattr(text_ids_module, "MEMO_TEXTS", 4)
     tok = make_tokenizer(family="llama")
     texts = [f"sample number {i} says hello" for i in range(23)]
     got = [list(x) for x in text_ids(tok, texts, add_special_tokens=False)]
@@ -70,3 +73,18 @@ def test_a_dataset_encodes_the_same_with_a_warm_memo():
     tok._llavakit_text_memo = None
     cold = encode(conv, tpl, tok, 100_000, 4)
     assert list(cold.input_ids) == list(first.input_ids)
+
+
+def test_encoding_leaves_the_users_environment_as_it_was(monkeypatch):
+    from llavakit.data.text_ids import one_thread_per_tokenizer
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    with pytest.raises(RuntimeError):
+        with one_thread_per_tokenizer():
+            assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+            raise RuntimeError("a failure mid-encoding")
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's choice is kept
+    with one_thread_per_tokenizer():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"

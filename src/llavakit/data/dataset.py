@@ -31,6 +31,7 @@ from .conversation import Conversation, Problem, SampleError
 from .images import ImageError, ImageLimits
 from .templates import Template, get_template
 from .token_store import StoreBuilder, TokenStore, supervised_spans
+from .text_ids import one_thread_per_tokenizer
 from .tokenize import IGNORE_INDEX, OverlongError, encode
 from .video import VideoError, VideoLimits, load_video, probe_video, sampled_frame_count
 
@@ -190,17 +191,22 @@ def encode_all(conversations: Sequence[Conversation], processor, template: Templ
         parallel = n >= PARALLEL_FROM
     _JOB = (conversations, processor, template, max_length, overflow, limits, video_limits)
     try:
-        if workers <= 1 or not parallel or len(ranges) < 2:
-            for r in ranges:
-                yield from _encode_range(r)
-            return
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(min(workers, len(ranges))) as pool:
-            for part in pool.imap(_encode_range, ranges):
-                yield from part
+        with one_thread_per_tokenizer():
+            yield from _run_ranges(ranges, workers, parallel)
     finally:
         _JOB = None
+
+
+def _run_ranges(ranges: list[tuple[int, int]], workers: int, parallel: bool) -> Iterator[tuple]:
+    if workers <= 1 or not parallel or len(ranges) < 2:
+        for r in ranges:
+            yield from _encode_range(r)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(min(workers, len(ranges))) as pool:
+        for part in pool.imap(_encode_range, ranges):
+            yield from part
 
 
 def encode_into(builder: StoreBuilder, report: DatasetReport, conversations: Sequence[Conversation], processor,

@@ -55,6 +55,7 @@ from typing import Sequence
 from .conversation import IMAGE_MARKER, Conversation, SampleError, Turn
 from .specials import mark_plain, plain_ids, split_marked
 from .templates import Template, TemplateError
+from .text_ids import text_ids
 from .video import VIDEO_MARKER
 
 IGNORE_INDEX = -100
@@ -173,50 +174,6 @@ def added_special_ids(tokenizer) -> tuple[list[int], list[int]]:
         tokenizer._llavakit_added_special_ids = out
     except AttributeError:  # pragma: no cover - slotted tokenizer objects
         pass
-    return out
-
-
-MEMO_TEXTS = 8192  # texts remembered per tokenizer (`text_ids`); the memo is emptied when full
-
-
-def _memo(tokenizer) -> dict:
-    """The tokenizer's text -> ids memo, new when its vocabulary size changes (added tokens change ids)."""
-    size = len(tokenizer)
-    held = getattr(tokenizer, "_llavakit_text_memo", None)
-    if held is None or held[0] != size:
-        held = (size, {})
-        try:
-            tokenizer._llavakit_text_memo = held
-        except AttributeError:  # pragma: no cover - slotted tokenizer objects
-            pass
-    return held[1]
-
-
-def _backend_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (backend is not None and backend.truncation is None and backend.padding is None
-            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: the same ids, a quarter faster
-        encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-
-
-def text_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Sequence[int]]:
-    """``tokenizer(texts, add_special_tokens=...)["input_ids"]`` (as tuples). A fast tokenizer is asked directly
-    (``backend_tokenizer.encode_batch_fast``) when the wrapper would change nothing — no truncation or padding
-    set on the backend, special tokens split as the wrapper's default — : the same ids, without the
-    wrapper's per-call cost (a third of the tokenization time of a large dataset). Texts seen recently are not
-    tokenized again (`MEMO_TEXTS` per tokenizer): a dataset repeats its system prompt and header in every sample
-    and, often, a few instructions in most (LLaVA's stage-1 data has about a dozen)."""
-    memo = _memo(tokenizer)
-    out: list = [memo.get((add_special_tokens, t)) for t in texts]
-    missing = [i for i, got in enumerate(out) if got is None]
-    if missing:
-        for i, ids in zip(missing, _backend_ids(tokenizer, [texts[i] for i in missing], add_special_tokens)):
-            if len(memo) >= MEMO_TEXTS:
-                memo.clear()
-            out[i] = memo[(add_special_tokens, texts[i])] = tuple(ids)
     return out
 
 
