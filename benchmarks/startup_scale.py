@@ -119,7 +119,11 @@ def write_config(root: Path, comp: dict, data: Path, images: Path, out: Path, ca
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # TOKENIZERS_PARALLELISM is left as the user's: llavakit itself tokenizes without the thread pool while
+    # it encodes a dataset (llavakit.data.text_ids.one_thread_per_tokenizer), and that is what is measured
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TOKENIZERS_PARALLELISM", None)
+    return env
 
 
 def run_child(cmd: list[str], log: Path) -> tuple[float, int, int, float]:
