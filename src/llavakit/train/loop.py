@@ -32,6 +32,7 @@ from .runlog import (LOSS_LOG, RNG_ALLOW, RunLock, append_loss, check_resume_con
                      truncate_loss_log, write_run_config)
 from .host_memory import return_freed_memory
 from .optim import attach_in_backward
+from .schedule import make_scheduler
 from .step import (NonFiniteError, StepResult, check_finite_weights, make_optimizer, on_nonfinite, optimizer_step,
                    supervised_count)
 from .batches import epoch_order, make_collator, make_loader, prepare_data, rank_batches
@@ -174,7 +175,6 @@ def prepare_data_once(cfg: RunConfig, processor, accelerator, say, run_dir: Path
 
 def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say) -> None:
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     from llavakit.model.packed_attention import PACKED_SDPA, use_packed_attention
 
@@ -205,9 +205,7 @@ def _run(cfg: RunConfig, resume: bool, accelerator, run_dir: Path, log_with, say
     steps_per_epoch = math.ceil(per_epoch_micro / t.grad_accum)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = make_optimizer(groups, t.weight_decay, t.optimizer, device=accelerator.device.type)
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(round(t.warmup_ratio * total_steps)),
-                              num_training_steps=total_steps)
+    scheduler = make_scheduler(t.schedule, optimizer, int(round(t.warmup_ratio * total_steps)), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     attach_in_backward(accelerator, optimizer, t)  # train.optimizer_in_backward: backward updates the weights
     install_hooks(accelerator, accelerator.unwrap_model)
