@@ -73,8 +73,8 @@ class Row:
     optim: str = "adamw"  # train.optimizer (adamw_8bit: bitsandbytes; rows left out where it is not installed)
     in_bwd: bool = False  # train.optimizer_in_backward (then train.max_grad_norm: 0: no clipping)
     # freed blocks >= 1 MiB go back to the OS (glibc mmap/trim thresholds): llavakit's train.return_freed_memory
-    # (its default on CPU); for the peer and TRL rows the MALLOC_*_THRESHOLD_ environment variables
-    malloc: bool = True
+    # (off by default: it costs speed); for the peer and TRL rows the MALLOC_*_THRESHOLD_ environment variables
+    malloc: bool = False
 
 
 CHUNK = 1024  # train.loss_chunk_size of the chunked-loss rows (docs/performance.md, "The chunked LM-head loss")
@@ -85,7 +85,7 @@ def stage2_rows(workers: int) -> list[Row]:
     rows (14, 15) run only when `--rows` names them (compiling takes minutes on a CPU); the 8-bit rows (18, 19) are
     dropped where bitsandbytes is not installed."""
     return [
-        Row("peer: HF Llava + Trainer", system="peer", malloc=False),
+        Row("peer: HF Llava + Trainer", system="peer"),
         Row("llavakit baseline (pad, shuffled, full logits)"),
         Row("  + length grouping", group=True),
         Row("  + supervised-only logits", sup=True),
@@ -97,22 +97,22 @@ def stage2_rows(workers: int) -> list[Row]:
         Row("llavakit grouping + sup-only + chunked loss + workers", group=True, sup=True, chunk=CHUNK,
             workers=workers),
         Row("  the same + gradient checkpointing", group=True, sup=True, chunk=CHUNK, workers=workers, ckpt=True),
-        Row("TRL SFTTrainer (its defaults: gradient checkpointing)", system="trl", ckpt=True, malloc=False),
-        Row("TRL SFTTrainer, gradient_checkpointing=False", system="trl", malloc=False),
+        Row("TRL SFTTrainer (its defaults: gradient checkpointing)", system="trl", ckpt=True),
+        Row("TRL SFTTrainer, gradient_checkpointing=False", system="trl"),
         Row("llavakit grouping + sup-only + chunked loss + workers + compile", group=True, sup=True, chunk=CHUNK,
             workers=workers, compile=True),
         Row("llavakit all on (+ packing) + chunked loss + compile", group=True, sup=True, pack=True, chunk=CHUNK,
             workers=workers, compile=True),
-        Row("llavakit grouping + sup-only + chunked loss + workers + AdamW in backward", group=True, sup=True,
-            chunk=CHUNK, workers=workers, in_bwd=True),
+        Row("llavakit grouping + sup-only + chunked loss + workers + AdamW in backward, freed memory returned",
+            group=True, sup=True, chunk=CHUNK, workers=workers, in_bwd=True, malloc=True),
         Row("  the same + gradient checkpointing", group=True, sup=True, chunk=CHUNK, workers=workers, ckpt=True,
-            in_bwd=True),
+            in_bwd=True, malloc=True),
         Row("  the same + gradient checkpointing + 8-bit AdamW", group=True, sup=True, chunk=CHUNK, workers=workers,
-            ckpt=True, in_bwd=True, optim="adamw_8bit"),
+            ckpt=True, in_bwd=True, optim="adamw_8bit", malloc=True),
         Row("  the same with glibc's default malloc (train.return_freed_memory: false)", group=True, sup=True,
-            chunk=CHUNK, workers=workers, ckpt=True, in_bwd=True, optim="adamw_8bit", malloc=False),
+            chunk=CHUNK, workers=workers, ckpt=True, in_bwd=True, optim="adamw_8bit"),
         Row("TRL SFTTrainer (its defaults), freed memory returned (MALLOC_*_THRESHOLD_=1 MiB)", system="trl",
-            ckpt=True),
+            ckpt=True, malloc=True),
     ]
 
 

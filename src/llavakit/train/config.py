@@ -115,7 +115,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False
     # CPU: blocks of 1 MiB and more are mapped and unmapped directly (glibc mallopt), so freed memory goes back to
     # the OS instead of staying in a fragmented heap (train/host_memory.py); no effect on GPU memory
-    return_freed_memory: bool = True
+    return_freed_memory: bool = False
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     # LM head + loss only at supervised positions (same loss, no [B, L, vocab] logits tensor)

@@ -6,7 +6,9 @@ the heap, and that threshold grows (up to 32 MiB) each time a larger block is fr
 blocks between freed large ones cannot give the space back, so the process's resident memory (what an OOM
 killer and a shared machine see) climbs towards the sum of everything ever freed, not what is alive.
 Measured at the SmolLM2-135M benchmark shape: 3.1 GB peak RSS with glibc's defaults, 2.3 GB with a fixed
-1 MiB threshold (docs/performance.md, "Real shape"). `train.return_freed_memory` (default on; CPU only) sets
+1 MiB threshold (docs/performance.md, "Real shape"). The price is speed: every large tensor is a fresh mapping whose
+pages the kernel zeroes on first touch, and the fastest real-shape row made 100 instead of 130 real tok/s with it.
+`train.return_freed_memory` (default off; CPU only; meant for memory-bound runs) sets
 glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` with ``mallopt`` so that blocks of 1 MiB and more are
 mapped and unmapped directly. The same can be had for any process with the environment variables
 ``MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=1048576``. Elsewhere (not glibc) it does nothing.
