@@ -32,7 +32,7 @@ def test_rates_match_transformers_get_scheduler(schedule, warmup, total):
     mine = make_scheduler(schedule, mine_opt, warmup, total)
     ref = get_scheduler(NAMES[schedule], ref_opt, num_warmup_steps=warmup, num_training_steps=total)
     steps = total + 3  # a few past the end too (a run's last step, an extra scheduler step)
-    assert _rates(mine, mine_opt, steps) == pytest.approx(_rates(ref, ref_opt, steps), rel=1e-12, abs=1e-15)
+    assert _rates(mine, mine_opt, steps) == _rates(ref, ref_opt, steps)  # bit for bit: runs keep their trajectory
 
 
 @pytest.mark.parametrize("schedule", list(NAMES))

@@ -22,9 +22,9 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
         return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
-    done = (step - warmup) / max(1, total - warmup)  # 0 at the end of warm-up, 1 at the last step
     if schedule == "linear":
-        return max(0.0, 1.0 - done) if total > warmup else 0.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+    done = (step - warmup) / max(1, total - warmup)  # 0 at the end of warm-up, 1 at the last step
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * done)))  # half a cosine period
 
 
