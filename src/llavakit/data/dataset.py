@@ -18,6 +18,7 @@ array plus offsets, labels as supervised spans (rebuilt on access), which the st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -217,21 +218,23 @@ def encode_into(builder: StoreBuilder, report: DatasetReport, conversations: Seq
     `report` (``total``, dropped, skipped, truncated). Called once per chunk, it builds the same store and report as
     once over all of them."""
     report.total += len(conversations)
-    for pos, done, problem, overlong in encode_all(conversations, processor, template, max_length, overflow, limits,
-                                                   workers, video_limits, parallel, task):
-        if problem is not None:
-            if strict:
-                raise (OverlongError if overlong else SampleError)(problem)
-            report.problems.append(problem)
-            if overlong:
-                report.dropped += 1
-            else:
-                report.skipped += 1
-                report.skipped_indices.append(problem.index)
-            continue
-        ids, spans, n_images, sizes, truncated, n_videos, frames = done
-        builder.add(conversations[pos], ids, spans, n_images, sizes, n_videos, frames)
-        report.truncated += int(truncated)
+    # closed at once on an exception (strict): its worker pool and tokenizer setting do not outlive the call
+    with contextlib.closing(encode_all(conversations, processor, template, max_length, overflow, limits, workers,
+                                       video_limits, parallel, task)) as results:
+        for pos, done, problem, overlong in results:
+            if problem is not None:
+                if strict:
+                    raise (OverlongError if overlong else SampleError)(problem)
+                report.problems.append(problem)
+                if overlong:
+                    report.dropped += 1
+                else:
+                    report.skipped += 1
+                    report.skipped_indices.append(problem.index)
+                continue
+            ids, spans, n_images, sizes, truncated, n_videos, frames = done
+            builder.add(conversations[pos], ids, spans, n_images, sizes, n_videos, frames)
+            report.truncated += int(truncated)
 
 
 class SupervisedDataset(Dataset):
