@@ -88,3 +88,16 @@ def test_encoding_leaves_the_users_environment_as_it_was(monkeypatch):
     with one_thread_per_tokenizer():
         assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+
+def test_switching_special_token_splitting_is_not_answered_from_the_memo():
+    tok = make_tokenizer(family="llama")
+    text = "done</s> next"
+    whole = list(text_ids(tok, [text], add_special_tokens=False)[0])
+    tok.split_special_tokens = True
+    split = list(text_ids(tok, [text], add_special_tokens=False)[0])
+    assert split == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.eos_token_id in whole and tok.eos_token_id not in split
+    tok.split_special_tokens = False
+    assert list(text_ids(tok, [text], add_special_tokens=False)[0]) == whole

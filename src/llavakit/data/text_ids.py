@@ -29,12 +29,18 @@ def one_thread_per_tokenizer():
 MEMO_TEXTS = 8192  # texts remembered per tokenizer (`text_ids`); the memo is emptied when full
 
 
-def _memo(tokenizer) -> dict:
-    """The tokenizer's text -> ids memo, new when its vocabulary size changes (added tokens change ids)."""
-    size = len(tokenizer)
+def _state(tokenizer) -> tuple:
+    """What decides a text's ids besides the text, as the wrapper calls its backend: the vocabulary size (added
+    tokens) and whether special-token spellings are split (the wrapper sets the backend's truncation, padding and
+    special-token splitting itself on every call)."""
+    return len(tokenizer), bool(getattr(tokenizer, "split_special_tokens", False))
+
+
+def _memo(tokenizer, state: tuple) -> dict:
+    """The tokenizer's text -> ids memo, new whenever `_state` changes."""
     held = getattr(tokenizer, "_llavakit_text_memo", None)
-    if held is None or held[0] != size:
-        held = (size, {})
+    if held is None or held[0] != state:
+        held = (state, {})
         try:
             tokenizer._llavakit_text_memo = held
         except AttributeError:  # pragma: no cover - slotted tokenizer objects
@@ -59,7 +65,7 @@ def text_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Sequ
     wrapper's per-call cost (a third of the tokenization time of a large dataset). Texts seen recently are not
     tokenized again (`MEMO_TEXTS` per tokenizer): a dataset repeats its system prompt and header in every sample
     and, often, a few instructions in most (LLaVA's stage-1 data has about a dozen)."""
-    memo = _memo(tokenizer)
+    memo = _memo(tokenizer, _state(tokenizer))
     out: list = [memo.get((add_special_tokens, t)) for t in texts]
     missing = [i for i, got in enumerate(out) if got is None]
     if missing:
