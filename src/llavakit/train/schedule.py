@@ -13,7 +13,7 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULES = ("cosine", "linear", "constant")
+from .config import SCHEDULES
 
 
 def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
