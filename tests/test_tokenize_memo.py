@@ -90,7 +90,6 @@ def test_encoding_leaves_the_users_environment_as_it_was(monkeypatch):
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
-
 def test_switching_special_token_splitting_is_not_answered_from_the_memo():
     tok = make_tokenizer(family="llama")
     text = "done</s> next"
